@@ -1,0 +1,33 @@
+"""Shared launcher plumbing: user errors become one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+from .config import ConfigError
+
+
+class UserError(ConfigError):
+    """Bad input that is not a config key (a path, a file's content, a model): same contract."""
+
+
+def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
+    """Run a launcher's main: user errors -> 'error: ...' and exit 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        try:
+            rc = fn()
+        except ConfigError as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        sys.exit(rc or 0)
+
+    return wrapper
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
