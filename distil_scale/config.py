@@ -64,12 +64,16 @@ class DataConfig:
     config_name: str = ""
     split: str = "train"
     text_field: str = "text"
+    # local text files: "strict" refuses invalid UTF-8 with an error naming the fix;
+    # "replace" substitutes U+FFFD (the demo corpus has one Latin-1 file)
+    encoding_errors: Literal["strict", "replace", "ignore"] = "strict"
     max_seq_len: int = 128
     shuffle_buffer: int = 512
     # documents whose text hash falls below this fraction are held out for evaluation
     heldout_fraction: float = 0.05
     eval_sequences: int = 128
-    num_workers: int = 0
+    # batches prepared ahead in a background thread (0: inline)
+    prefetch: int = 2
     # a stream that raises mid-way (network) is retried this many times with backoff
     max_retries: int = 3
 
@@ -175,7 +179,7 @@ class Config:
         _check(self.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = off)")
         _check(0 < self.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
         _check(self.data.eval_sequences >= 1, "data.eval_sequences", "must be >= 1")
-        _check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.data.prefetch >= 0, "data.prefetch", "must be >= 0")
         _check(self.student.n_layers >= 1, "student.n_layers", "must be >= 1")
         _check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")

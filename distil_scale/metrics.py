@@ -1,0 +1,108 @@
+"""Metrics: TensorBoard scalars and metrics.jsonl under the same stable names, a console line,
+and the FLOP count behind MFU."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Stable names: dashboards and tests key on these strings.
+NAMES = ("loss/total", "loss/ce", "loss/mlm", "loss/cos", "loss/mse", "loss/ce_weighted",
+         "loss/mlm_weighted", "loss/cos_weighted", "loss/mse_weighted", "optim/lr",
+         "optim/grad_norm", "optim/skipped_steps", "perf/tokens_per_s", "perf/mfu",
+         "perf/data_wait_pct", "perf/step_s", "mem/peak_gib", "eval/student_mlm_loss",
+         "eval/student_mlm_acc", "eval/teacher_mlm_loss", "eval/teacher_mlm_acc")
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tb"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values})
+                         + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.writer:
+            self.writer.close()
+
+
+def console_line(step: int, max_steps: int, v: dict[str, float]) -> str:
+    parts = [f"step {step:>6}/{max_steps}"]
+    for key, label, fmt in (("loss/total", "loss", ".4f"), ("loss/ce", "kl", ".4f"),
+                            ("loss/mlm", "mlm", ".4f"), ("loss/cos", "cos", ".4f"),
+                            ("optim/lr", "lr", ".2e"), ("optim/grad_norm", "gnorm", ".2f"),
+                            ("perf/tokens_per_s", "tok/s", ".0f"), ("perf/mfu", "mfu", ".1%"),
+                            ("perf/data_wait_pct", "wait", ".1f"), ("mem/peak_gib", "mem", ".2f")):
+        if key in v:
+            suffix = "%" if key == "perf/data_wait_pct" else ("G" if key == "mem/peak_gib" else "")
+            parts.append(f"{label} {v[key]:{fmt}}{suffix}")
+    return "  ".join(parts)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def encoder_flops_per_token(n_layers: int, d: int, ffn: int, seq_len: int) -> float:
+    """Forward FLOPs per token of a BERT-style encoder: 2 x weight matmuls + attention."""
+    weights = n_layers * (4 * d * d + 2 * d * ffn)
+    attention = n_layers * 2 * seq_len * d  # QK^T and AV, per token
+    return 2.0 * (weights + attention)
+
+
+def head_flops_per_position(d: int, vocab: int) -> float:
+    return 2.0 * (d * d + d * vocab)
+
+
+def distill_flops_per_token(tconf, sconf, seq_len: int, head_fraction: float) -> float:
+    """Teacher forward + student forward/backward (3x forward), vocabulary head only at the
+    fraction of positions where it is computed."""
+    t = encoder_flops_per_token(tconf.num_hidden_layers, tconf.hidden_size,
+                                tconf.intermediate_size, seq_len)
+    t += head_fraction * head_flops_per_position(tconf.hidden_size, tconf.vocab_size)
+    s = encoder_flops_per_token(sconf.n_layers, sconf.dim, sconf.hidden_dim, seq_len)
+    s += head_fraction * head_flops_per_position(sconf.dim, sconf.vocab_size)
+    return t + 3.0 * s
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024,
+                        seconds: float = 0.5) -> float:
+    """Achieved matmul FLOP/s on this device and dtype: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0, iters = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    sync()
+    return 2.0 * n**3 * iters / (time.perf_counter() - t0)

@@ -1,0 +1,408 @@
+"""The distillation loop: read it top to bottom, it is one step of DistilBERT training.
+
+source -> pack -> mask -> engine.module (student) + frozen teacher -> triple loss -> step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointManager, barrier, load_torch, save_torch
+from .cli import UserError
+from .config import Config, ConfigError, dump_yaml
+from .data.loader import BatchLoader, PretrainStream, StreamError, build_eval_set
+from .engine import engine_class
+from .losses import LossWeights, distillation_loss
+from .metrics import (MetricsLogger, console_line, distill_flops_per_token, measure_matmul_peak,
+                      peak_memory_gib)
+from .models import (StudentForDistillation, TeacherForDistillation, build_student,
+                     load_tokenizer, resolve_model_path)
+from .teacher import fixed_eval_batches, load_teacher, make_masker, mlm_eval
+
+log = logging.getLogger(__name__)
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, source dead); the message says what to do."""
+
+
+def distill_step(student, teacher, mb, weights: LossWeights, kl_all: bool, device):
+    """Teacher forward (inference mode) and student forward; returns (total, raw terms)."""
+    ids = mb.input_ids.to(device, non_blocking=True)
+    mask = mb.attention_mask.to(device, non_blocking=True)
+    masked = mb.positions.to(device, non_blocking=True)
+    labels = mb.labels.to(device, non_blocking=True)
+    # Vocabulary logits only where a loss reads them: the masked positions, or every real token
+    # when the KL term covers all of them.
+    positions = mask.bool() if kl_all else masked
+    mlm_rows = masked[positions] if kl_all else slice(None)
+    with torch.inference_mode():
+        t_hidden, t_logits = teacher(ids, mask, positions)
+    # inference tensors cannot be saved for backward; a clone outside the mode is a normal one
+    t_hidden, t_logits = t_hidden.clone(), t_logits.clone()
+    s_hidden, s_logits = student(ids, mask, positions)
+    return distillation_loss(s_hidden, t_hidden, s_logits, t_logits, labels, mask, mlm_rows,
+                             weights)
+
+
+def setup_distributed(backend: str) -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if backend == "plain":
+            raise ConfigError("parallel.backend: 'plain' runs one process but WORLD_SIZE="
+                              f"{world}; use parallel.backend=ddp, fsdp or deepspeed")
+        if backend == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available()
+                                       else "gloo")
+        else:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(),
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if holds_run and not (resume or overwrite):
+        raise UserError(f"run.output_dir: '{out}' holds another run; pass --resume to continue "
+                        "it, --overwrite to replace it, or choose another run.output_dir")
+    if holds_run and overwrite and not resume and is_main:
+        for name in (*RUN_MARKERS, "tb", "student"):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes the current step and checkpoints."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C really stops
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+    def any_rank(self, device) -> bool:
+        if not dist.is_initialized():
+            return self.flag
+        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume from step N, lines past N from the killed run would be duplicates."""
+    if not path.is_file():
+        return
+    import json
+
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip()
+            and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+          ds_config: dict | None = None, resume_command: str = "") -> dict:
+    rank, world, local_rank = setup_distributed(cfg.parallel.backend)
+    is_main = rank == 0
+    say = (lambda s: print(s, flush=True)) if is_main else (lambda s: None)
+    t_start = time.time()
+
+    micro, glob = cfg.train.micro_batch, cfg.train.global_batch
+    if glob % (micro * world):
+        raise ConfigError(f"train.global_batch: {glob} is not divisible by train.micro_batch "
+                          f"{micro} x {world} processes = {micro * world}; make it a multiple")
+    accum = glob // (micro * world)
+    assert accum * micro * world == glob
+
+    out = Path(cfg.run.output_dir)
+    prepare_output_dir(out, resume, overwrite, is_main)
+    barrier()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_all(cfg.run.seed)
+
+    # -- models and data ----------------------------------------------------------------------
+    teacher_path = resolve_model_path(cfg.teacher.name_or_path)
+    tokenizer = load_tokenizer(teacher_path)
+    eval_ids = build_eval_set(cfg.data, tokenizer, cfg.data.eval_sequences, seed=cfg.run.seed)
+    cls = engine_class(cfg.parallel.backend)
+    precision = cls.resolve_precision(cfg.train.precision, device, ds_config)
+    amp = torch.bfloat16 if precision == "bf16" else torch.float16
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if precision != "fp32" else (
+        lambda: torch.autocast(device.type, enabled=False))
+    teacher_mlm, teacher_info = load_teacher(cfg, tokenizer, device, autocast, eval_ids,
+                                             is_main=is_main, barrier=barrier, say=say)
+    attn = cfg.train.attn_implementation
+    if attn == "auto":
+        attn = "eager" if device.type == "cpu" else "sdpa"
+    seed_all(cfg.run.seed)  # the same student init on every rank, prepared teacher or not
+    student_mlm, layer_map = build_student(teacher_mlm, cfg.student, attn)
+    teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                     "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[
+        cfg.teacher.dtype]
+    teacher = TeacherForDistillation(teacher_mlm).to(device=device, dtype=teacher_dtype)
+    student = StudentForDistillation(student_mlm)
+
+    counts = None
+    if cfg.masking.smoothing > 0:
+        from .data.loader import scan_token_counts
+
+        counts = scan_token_counts(cfg.data, tokenizer, cfg.masking.count_docs,
+                                   seed=cfg.run.seed)
+    masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed, rank=rank, counts=counts)
+    eval_batches = fixed_eval_batches(eval_ids, make_masker(tokenizer, cfg.masking, seed=12345),
+                                      micro)
+    stream = PretrainStream(cfg.data, tokenizer, micro, seed=cfg.run.seed, rank=rank,
+                            world=world)
+    loader = BatchLoader(stream, cfg.data.prefetch)
+
+    engine = cls(student, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                 adam_eps=cfg.train.adam_eps, warmup_steps=cfg.train.warmup_steps,
+                 total_steps=cfg.train.max_steps, max_grad_norm=cfg.train.max_grad_norm,
+                 precision=precision, accum_steps=accum, device=device,
+                 compile=cfg.train.compile, **({"ds_config": ds_config} if ds_config else {}))
+    seed_all(cfg.run.seed + 1000 * rank)  # dropout differs per rank, as in data parallelism
+
+    # -- resume -------------------------------------------------------------------------------
+    ckpts = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
+    start_step = 0
+    counters = {"skipped_total": 0, "nonfinite_run": 0, "sequences": 0, "acc_start": None}
+    if resume:
+        def _load(d: Path):
+            engine.load(d)
+            return load_torch(d / f"trainer_rank{rank}.pt")
+
+        found = ckpts.load_latest(_load)
+        if found is None:
+            say(f"resume: no complete checkpoint in {ckpts.root}; starting from step 0")
+        else:
+            d, st = found
+            start_step = st["step"]
+            loader.load_state_dict(st["data"])
+            masker.load_state_dict(st["masker"])
+            set_rng_state(st["rng"])
+            counters.update(st["counters"])
+            say(f"resume: {d} (step {start_step})")
+            if is_main:
+                _truncate_metrics(out / "metrics.jsonl", start_step)
+    if is_main:
+        dump_yaml(cfg, out / "config.yaml")
+    barrier()
+
+    metrics = MetricsLogger(out, enabled=is_main, tensorboard=cfg.metrics.tensorboard)
+    weights = LossWeights.from_config(cfg.loss)
+    kl_all = cfg.loss.kl_positions == "all"
+    seq_len = cfg.data.max_seq_len
+    head_frac = 1.0 if kl_all else cfg.masking.mlm_prob
+    flops_tok = distill_flops_per_token(teacher_mlm.config, student_mlm.config, seq_len,
+                                        head_frac)
+    peak = cfg.metrics.peak_tflops * 1e12 or measure_matmul_peak(
+        device, amp if precision != "fp32" else torch.float32)
+
+    def student_logits(ids, mask, pos):
+        return engine.module(ids, mask, pos)[1]
+
+    def teacher_logits(ids, mask, pos):
+        return teacher(ids, mask, pos)[1]
+
+    def evaluate(step: int) -> dict:
+        engine.module.eval()
+        s_loss, s_acc = mlm_eval(student_logits, eval_batches, device, autocast)
+        engine.module.train()
+        vals = {"eval/student_mlm_loss": s_loss, "eval/student_mlm_acc": s_acc,
+                "eval/teacher_mlm_loss": t_eval[0], "eval/teacher_mlm_acc": t_eval[1]}
+        metrics.log(step, vals)
+        say(f"eval step {step}: student mlm acc {s_acc:.1%} (loss {s_loss:.3f})  "
+            f"teacher {t_eval[1]:.1%} (loss {t_eval[0]:.3f})")
+        return vals
+
+    t_eval = mlm_eval(teacher_logits, eval_batches, device, autocast)
+
+    n_s = sum(p.numel() for p in student_mlm.parameters())
+    n_t = sum(p.numel() for p in teacher_mlm.parameters())
+    say(f"run: {out.resolve()}  backend {engine.name} x{world}  precision {precision}  "
+        f"device {device}")
+    say(f"student: DistilBertForMaskedLM {student_mlm.config.n_layers} layers, "
+        f"{n_s / 1e6:.1f}M params, init {cfg.student.init}"
+        + (f" from teacher layers {layer_map}" if cfg.student.init == "teacher" else ""))
+    say(f"teacher: {teacher_path} ({n_t / 1e6:.1f}M params, frozen, {teacher_dtype})")
+    say(f"batch: global {glob} = micro {micro} x accumulation {accum} x {world} processes, "
+        f"seq {seq_len}; {cfg.train.max_steps} steps; eval on {len(eval_ids)} held-out "
+        "sequences")
+    say(f"writing: {out / 'config.yaml'}, {out / 'metrics.jsonl'}, {out / 'tb'}, "
+        f"{out / 'checkpoints'}, {out / 'student'}")
+
+    if start_step == 0:
+        counters["acc_start"] = evaluate(0)["eval/student_mlm_acc"]
+
+    def save_checkpoint(step: int) -> Path:
+        state = {"step": step, "data": loader.state_dict(), "masker": masker.state_dict(),
+                 "rng": rng_state(), "counters": dict(counters)}
+
+        def write(d: Path):
+            engine.save(d)
+            save_torch(state, d / f"trainer_rank{rank}.pt")
+
+        return ckpts.save(step, write, {"world_size": world, "backend": engine.name})
+
+    # -- the loop -----------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+               disable=not (is_main and cfg.metrics.progress_bar), file=sys.stdout)
+    acc_terms: dict[str, torch.Tensor] = {}
+    window_t, window_wait, window_steps = 0.0, 0.0, 0
+    last_eval = None
+    step = start_step
+    engine.module.train()
+    try:
+        with _Preemption() as pre:
+            while step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                wait = 0.0
+                for micro_i in range(accum):
+                    tw = time.perf_counter()
+                    try:
+                        ids = next(loader)
+                    except StreamError as e:
+                        save_checkpoint(step)
+                        raise TrainingError(f"{e}; checkpoint saved at step {step}, resume with "
+                                            f"{resume_command or '--resume'}") from None
+                    wait += time.perf_counter() - tw
+                    mb = masker(ids, torch.ones_like(ids))
+                    with engine.accumulate(last=micro_i == accum - 1):
+                        with engine.autocast():
+                            loss, raw = distill_step(engine.module, teacher, mb, weights,
+                                                     kl_all, device)
+                        engine.backward(loss)
+                    for k, v in raw.items():
+                        acc_terms[k] = acc_terms.get(k, 0.0) + v.detach() / accum
+                    acc_terms["total"] = acc_terms.get("total", 0.0) + loss.detach() / accum
+                result = engine.step()
+                step += 1
+                counters["sequences"] += glob
+                window_t += time.perf_counter() - t0
+                window_wait += wait
+                window_steps += 1
+                if result.skipped:
+                    counters["skipped_total"] += 1
+                    counters["nonfinite_run"] += 1
+                    if counters["nonfinite_run"] >= cfg.train.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{counters['nonfinite_run']} non-finite steps in a row at step "
+                            f"{step}; lower train.lr or check the data; last good checkpoint "
+                            f"in {ckpts.root}")
+                else:
+                    counters["nonfinite_run"] = 0
+                bar.update(1)
+
+                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    vals = {f"loss/{k}": float(v) / window_steps for k, v in acc_terms.items()}
+                    for k in ("ce", "mlm", "cos", "mse"):
+                        vals[f"loss/{k}_weighted"] = vals[f"loss/{k}"] * getattr(
+                            weights, f"alpha_{k}")
+                    step_s = window_t / window_steps
+                    tps = glob * seq_len / step_s
+                    vals.update({
+                        "optim/lr": engine.lr(), "optim/grad_norm": float(result.grad_norm),
+                        "optim/skipped_steps": counters["skipped_total"],
+                        "perf/step_s": step_s, "perf/tokens_per_s": tps,
+                        "perf/mfu": tps * flops_tok / (peak * world),
+                        "perf/data_wait_pct": 100.0 * window_wait / window_t,
+                        "mem/peak_gib": peak_memory_gib(device)})
+                    metrics.log(step, vals)
+                    bar.write(console_line(step, cfg.train.max_steps, vals)) if is_main else None
+                    bar.set_postfix(loss=f"{vals['loss/total']:.3f}")
+                    acc_terms, window_t, window_wait, window_steps = {}, 0.0, 0.0, 0
+                if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+                    last_eval = evaluate(step)
+                if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+                    save_checkpoint(step)
+                if pre.any_rank(device) and step < cfg.train.max_steps:
+                    if step % cfg.checkpoint.every_steps:
+                        save_checkpoint(step)
+                    say(f"preempted: checkpoint saved at step {step}; resume with "
+                        f"{resume_command or 'the same command plus --resume'}")
+                    return {"preempted": True, "step": step}
+    finally:
+        bar.close()
+        loader.close()
+        metrics.close()
+
+    # -- export -------------------------------------------------------------------------------
+    export_dir = out / "student"
+    full = engine.export_module()
+    if is_main and full is not None:
+        export_dir.mkdir(parents=True, exist_ok=True)
+        full.mlm.save_pretrained(export_dir)
+        tokenizer.save_pretrained(export_dir)
+    barrier()
+    if last_eval is None:
+        last_eval = evaluate(step)
+    acc_end = last_eval["eval/student_mlm_acc"]
+    summary = {"steps": step, "wall_s": time.time() - t_start, "acc_start": counters["acc_start"],
+               "acc_end": acc_end, "teacher_acc": t_eval[1], "teacher": teacher_info,
+               "export": str(export_dir)}
+    if counters["acc_start"] is not None:
+        say(f"done: student held-out masked-token accuracy {counters['acc_start']:.1%} -> "
+            f"{acc_end:.1%} (teacher {t_eval[1]:.1%}) in {summary['wall_s']:.0f}s")
+    else:
+        say(f"done: student held-out masked-token accuracy {acc_end:.1%} "
+            f"(teacher {t_eval[1]:.1%}) in {summary['wall_s']:.0f}s")
+    say(f"export: {export_dir} (DistilBertForMaskedLM.from_pretrained / pipeline('fill-mask'))")
+    return summary
