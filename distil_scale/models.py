@@ -183,7 +183,10 @@ class TeacherForDistillation(nn.Module):
     def __init__(self, mlm):
         super().__init__()
         self.mlm = mlm
-        freeze(mlm)
+        freeze(self)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: never dropout, whoever calls .train()
 
     def forward(self, input_ids, attention_mask, positions):
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]

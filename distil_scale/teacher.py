@@ -31,12 +31,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DISTIL_SCALE_CACHE", Path.home() / ".cache" / "distil_scale"))
 
 
-def make_masker(tokenizer, mcfg, *, seed: int, rank: int = 0, counts=None) -> DynamicMasker:
+def make_masker(tokenizer, mcfg, *, seed: int, counts=None) -> DynamicMasker:
     return DynamicMasker(
         len(tokenizer), tokenizer.all_special_ids, tokenizer.mask_token_id,
         mlm_prob=mcfg.mlm_prob, mask_frac=mcfg.mask_frac, random_frac=mcfg.random_frac,
-        keep_frac=mcfg.keep_frac, token_counts=counts, smoothing=mcfg.smoothing, seed=seed,
-        rank=rank)
+        keep_frac=mcfg.keep_frac, token_counts=counts, smoothing=mcfg.smoothing, seed=seed)
 
 
 def fixed_eval_batches(eval_ids: torch.Tensor, masker: DynamicMasker, batch: int):
@@ -44,7 +43,7 @@ def fixed_eval_batches(eval_ids: torch.Tensor, masker: DynamicMasker, batch: int
     out = []
     for i in range(0, len(eval_ids), batch):
         ids = eval_ids[i:i + batch]
-        out.append(masker(ids, torch.ones_like(ids)))
+        out.append(masker(ids, torch.ones_like(ids), step=-1))
     return out
 
 
@@ -149,7 +148,7 @@ def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, out_dir: Pat
     model.train()
     for step in range(1, tc.prepare_steps + 1):
         ids = stream.next_batch()
-        mb = masker(ids, torch.ones_like(ids))
+        mb = masker(ids, torch.ones_like(ids), step)
         with autocast():
             logits = fwd(mb.input_ids.to(device), mb.attention_mask.to(device),
                          mb.positions.to(device))

@@ -204,12 +204,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
         counts = scan_token_counts(cfg.data, tokenizer, cfg.masking.count_docs,
                                    seed=cfg.run.seed)
-    masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed, rank=rank, counts=counts)
+    masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed, counts=counts)
     eval_batches = fixed_eval_batches(eval_ids, make_masker(tokenizer, cfg.masking, seed=12345),
                                       micro)
     stream = PretrainStream(cfg.data, tokenizer, micro, seed=cfg.run.seed, rank=rank,
                             world=world)
     loader = BatchLoader(stream, cfg.data.prefetch)
+
+    def stream_epoch() -> int:
+        return loader.state_dict()["epoch"]
 
     engine = cls(student, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                  adam_eps=cfg.train.adam_eps, warmup_steps=cfg.train.warmup_steps,
@@ -304,7 +307,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
-               disable=not (is_main and cfg.metrics.progress_bar), file=sys.stdout)
+               disable=not (is_main and cfg.metrics.progress_bar and sys.stdout.isatty()),
+               file=sys.stdout)
     acc_terms: dict[str, torch.Tensor] = {}
     window_t, window_wait, window_steps = 0.0, 0.0, 0
     last_eval = None
@@ -324,7 +328,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                         raise TrainingError(f"{e}; checkpoint saved at step {step}, resume with "
                                             f"{resume_command or '--resume'}") from None
                     wait += time.perf_counter() - tw
-                    mb = masker(ids, torch.ones_like(ids))
+                    mb = masker(ids, torch.ones_like(ids), step)
                     with engine.accumulate(last=micro_i == accum - 1):
                         with engine.autocast():
                             loss, raw = distill_step(engine.module, teacher, mb, weights,
@@ -361,6 +365,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                     vals.update({
                         "optim/lr": engine.lr(), "optim/grad_norm": float(result.grad_norm),
                         "optim/skipped_steps": counters["skipped_total"],
+                        "data/sequences": counters["sequences"], "data/epoch": stream_epoch(),
                         "perf/step_s": step_s, "perf/tokens_per_s": tps,
                         "perf/mfu": tps * flops_tok / (peak * world),
                         "perf/data_wait_pct": 100.0 * window_wait / window_t,

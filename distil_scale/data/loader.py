@@ -48,10 +48,11 @@ class PretrainStream:
         self.epoch = 0
         self.sequences_out = 0
         self._rows = None
-        self._epoch_tokens = 0
+        self._epoch_docs = 0
 
     # -- source with retries ------------------------------------------------------------------
     def _next_text(self) -> str:
+        """The next training document (held-out and blank ones skipped), across epochs."""
         retries = 0
         while True:
             if self._rows is None:
@@ -61,13 +62,13 @@ class PretrainStream:
             try:
                 text = next(self._rows)
             except StopIteration:
-                if self._epoch_tokens == 0:
+                if self._epoch_docs == 0:
                     raise UserError(
                         f"data.source: no training text in '{self.cfg.source}' (empty corpus, "
                         "only empty lines, or every document held out by "
                         "data.heldout_fraction); give it real text") from None
                 self.epoch += 1
-                self._epoch_tokens = 0
+                self._epoch_docs = 0
                 self._ds_state = copy.deepcopy(self._fresh_ds_state)
                 self._rows = None
                 continue
@@ -82,6 +83,9 @@ class PretrainStream:
                 self._rows = None  # reopen from the last good position
                 continue
             self._ds_state = copy.deepcopy(self.ds.state_dict())
+            if not text.strip() or is_heldout(text, self.cfg.heldout_fraction):
+                continue
+            self._epoch_docs += 1
             return text
 
     def _next_sequence(self) -> list[int]:
@@ -90,11 +94,7 @@ class PretrainStream:
                 i = self.rng.randrange(len(self.buffer))
                 self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
                 return self.buffer.pop()
-            text = self._next_text()
-            if not text.strip() or is_heldout(text, self.cfg.heldout_fraction):
-                continue
-            ids = _tokenize(self.tok, text)
-            self._epoch_tokens += len(ids)
+            ids = _tokenize(self.tok, self._next_text())
             self.buffer.extend(self.packer.add(ids))
 
     def next_batch(self) -> torch.Tensor:
@@ -107,7 +107,7 @@ class PretrainStream:
         return {"ds": copy.deepcopy(self._ds_state), "packer": self.packer.state_dict(),
                 "buffer": [list(s) for s in self.buffer], "rng": self.rng.getstate(),
                 "epoch": self.epoch, "sequences_out": self.sequences_out,
-                "epoch_tokens": self._epoch_tokens}
+                "epoch_docs": self._epoch_docs}
 
     def load_state_dict(self, sd: dict) -> None:
         self._ds_state = copy.deepcopy(sd["ds"])
@@ -116,7 +116,7 @@ class PretrainStream:
         self.rng.setstate(_as_tuple(sd["rng"]))
         self.epoch = sd["epoch"]
         self.sequences_out = sd["sequences_out"]
-        self._epoch_tokens = sd["epoch_tokens"]
+        self._epoch_docs = sd["epoch_docs"]
         self._rows = None
 
 

@@ -1,12 +1,16 @@
-"""Dynamic masking: a fresh mask for every batch, drawn from a seeded generator per rank.
+"""Dynamic masking: a fresh mask every time a sequence is used, from a seeded generator.
 
-Follows the DistilBERT release: exactly ceil(p * n_tokens) targets per batch sampled without
-replacement (weights ~ count^-smoothing with XLM-style smoothing, uniform otherwise), then
-80/10/10 mask/random/keep. Special tokens and padding are never targets.
+As in the DistilBERT release, targets are sampled without replacement with weights
+~ count^-smoothing (XLM-style smoothing; uniform when 0), then 80/10/10 mask/keep/random;
+ceil(p * n_tokens) targets per sequence, so every micro-batch of packed sequences carries the
+same number and per-micro-batch means average to the global mean. Special tokens and padding
+are never targets.
 """
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +28,7 @@ class DynamicMasker:
     def __init__(self, vocab_size: int, special_ids: list[int], mask_id: int, *,
                  mlm_prob: float = 0.15, mask_frac: float = 0.8, random_frac: float = 0.1,
                  keep_frac: float = 0.1, token_counts: torch.Tensor | None = None,
-                 smoothing: float = 0.0, seed: int = 0, rank: int = 0):
+                 smoothing: float = 0.0, seed: int = 0):
         self.mask_id = mask_id
         self.mlm_prob = mlm_prob
         self.pred_probs = torch.tensor([mask_frac, keep_frac, random_frac], dtype=torch.float)
@@ -40,34 +44,46 @@ class DynamicMasker:
         self.token_weight = w
         # random replacements come from ordinary tokens only
         self.random_pool = torch.nonzero(~self.special).squeeze(1)
-        self.gen = torch.Generator().manual_seed(seed * 1000 + rank + 17)
+        self.seed = seed
+        self.gen = torch.Generator()
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> MaskedBatch:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 step: int = 0) -> MaskedBatch:
         ids = input_ids.clone()
-        flat = ids.view(-1)
-        weight = self.token_weight[flat] * attention_mask.view(-1).float()
-        n_candidates = int((weight > 0).sum())
-        n_tgt = min(n_candidates, math.ceil(self.mlm_prob * int(attention_mask.sum())))
-        positions = torch.zeros_like(flat, dtype=torch.bool)
-        if n_tgt > 0:
-            tgt = torch.multinomial(weight, n_tgt, replacement=False, generator=self.gen)
-            positions[tgt] = True
-        labels = flat[positions].clone()
+        positions = torch.zeros_like(ids, dtype=torch.bool)
+        for row in range(ids.shape[0]):
+            self._mask_row(ids[row], attention_mask[row], positions[row], step)
+        return MaskedBatch(ids, attention_mask, positions, input_ids[positions])
+
+    def _mask_row(self, ids: torch.Tensor, att: torch.Tensor, positions: torch.Tensor,
+                  step: int) -> None:
+        # The generator is seeded from (seed, step, the sequence's tokens): a sequence gets the
+        # same mask at the same step whatever the micro-batching, rank count or resume point,
+        # so accumulation and data parallelism reproduce one big batch exactly; the step makes
+        # the mask new each time the sequence comes back (dynamic masking).
+        # (CPU generators keep only the low 32 bits of a seed: mix everything into those)
+        key = zlib.crc32(struct.pack("<qq", self.seed, step))
+        self.gen.manual_seed(zlib.crc32(ids.numpy().tobytes(), key))
+        weight = self.token_weight[ids] * att.float()
+        n_tgt = min(int((weight > 0).sum()), math.ceil(self.mlm_prob * int(att.sum())))
+        if n_tgt == 0:
+            return
+        tgt = torch.multinomial(weight, n_tgt, replacement=False, generator=self.gen)
+        positions[tgt] = True
         # 0 = [MASK], 1 = keep, 2 = random token
-        how = torch.multinomial(self.pred_probs, labels.numel(), replacement=True,
-                                generator=self.gen) if labels.numel() else labels
-        new = labels.clone()
+        how = torch.multinomial(self.pred_probs, n_tgt, replacement=True, generator=self.gen)
+        new = ids[tgt].clone()
         new[how == 0] = self.mask_id
         n_rand = int((how == 2).sum())
         if n_rand:
             pick = torch.randint(len(self.random_pool), (n_rand,), generator=self.gen)
             new[how == 2] = self.random_pool[pick]
-        flat[positions] = new
-        return MaskedBatch(ids, attention_mask, positions.view_as(ids), labels)
+        ids[tgt] = new
 
+    # Masks are a pure function of (seed, step, tokens): nothing to carry across a resume.
     def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state()}
+        return {"seed": self.seed}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.gen.set_state(sd["gen"])
+        self.seed = sd["seed"]
 

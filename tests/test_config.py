@@ -1,0 +1,71 @@
+import pytest
+import yaml
+
+from distil_scale.config import Config, ConfigError, load_config, parse_overrides
+from conftest import run_launcher
+
+
+def test_defaults_validate_and_required_keys_exist():
+    cfg = load_config(None, ["run.output_dir=/tmp/x", "train.max_steps=7"])
+    assert cfg.run.output_dir == "/tmp/x" and cfg.train.max_steps == 7
+    assert isinstance(cfg, Config)
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1.0e-4\n  max_steps: 3\nstudent:\n  layers: [0, 2]\n")
+    cfg = load_config(str(p), ["train.max_steps=9", "loss.temperature=1e0",
+                               "student.layers=1,3", "student.n_layers=2"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.train.max_steps == 9
+    assert cfg.loss.temperature == 1.0  # YAML reads 1e0 as a string; coerced to float
+    assert cfg.student.layers == [1, 3]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+    ("nosuch.key=1", "unknown config key 'nosuch'"),
+    ("train.max_steps=ten", "train.max_steps: expected an integer"),
+    ("train.max_steps=2.5", "train.max_steps: expected an integer"),
+    ("train.lr=abc", "train.lr: expected a number"),
+    ("metrics.tensorboard=maybe", "metrics.tensorboard: expected true or false"),
+    ("loss.kl_positions=some", "loss.kl_positions: must be one of masked, all"),
+    ("train.lr=-1e-4", "train.lr: must be > 0"),
+    ("loss.temperature=0", "loss.temperature: must be > 0"),
+    ("masking.mlm_prob=1.5", "masking.mlm_prob: must be in (0, 1)"),
+    ("masking.mask_frac=0.9", "masking.mask_frac"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_override_syntax():
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["train.max_steps"])
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    r = run_launcher("pretrain.py", ["train.max_stepz=3", f"run.output_dir={tmp_path}/r"])
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: unknown config key 'train.max_stepz'; valid keys under 'train.': "
+                     + lines[0].split("valid keys under 'train.': ")[1]]
+    assert not (tmp_path / "r").exists()  # nothing written for a refused config
+
+
+def test_shipped_configs_load(tmp_path):
+    from conftest import REPO
+
+    for name in ("demo.yaml", "paper.yaml"):
+        cfg = load_config(str(REPO / "configs" / name))
+        assert cfg.loss.alpha_ce == 5.0 and cfg.loss.alpha_mlm == 2.0
+    paper = load_config(str(REPO / "configs" / "paper.yaml"))
+    assert paper.student.layers == [0, 2, 4, 7, 9, 11]
+    assert paper.teacher.name_or_path == "bert-base-uncased"
+    assert paper.data.source == "wikimedia/wikipedia"
+    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["teacher"]
