@@ -52,6 +52,8 @@ class StudentConfig:
     # teacher layers copied into the student, one per student layer; empty: spread evenly
     # (12 -> 6 gives the paper's 0,2,4,7,9,11)
     layers: list[int] = field(default_factory=list)
+    # hidden width; 0 = the teacher's (needed for teacher init and the cosine term)
+    dim: int = 0
     dropout: float = 0.1
     attention_dropout: float = 0.1
 
@@ -181,6 +183,7 @@ class Config:
         _check(self.data.eval_sequences >= 1, "data.eval_sequences", "must be >= 1")
         _check(self.data.prefetch >= 0, "data.prefetch", "must be >= 0")
         _check(self.student.n_layers >= 1, "student.n_layers", "must be >= 1")
+        _check(self.student.dim >= 0, "student.dim", "must be >= 0 (0 = the teacher's width)")
         _check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.teacher.prepare_steps >= 0, "teacher.prepare_steps", "must be >= 0")

@@ -141,10 +141,18 @@ def init_student_from_teacher(student, teacher, layers: list[int]) -> None:
     student.tie_weights()
 
 
-def build_student(teacher, cfg_student, attn_implementation: str = "eager"):
+def build_student(teacher, cfg_student, attn_implementation: str = "eager",
+                  cosine_loss: bool = True):
     from transformers import DistilBertForMaskedLM
 
     tconf = teacher.config
+    dim = cfg_student.dim or tconf.hidden_size
+    if dim != tconf.hidden_size and (cfg_student.init == "teacher" or cosine_loss):
+        why = "teacher init copies its weights" if cfg_student.init == "teacher" else \
+            "the cosine loss compares hidden states"
+        raise UserError(f"student.dim: {dim} differs from the teacher's {tconf.hidden_size} and "
+                        f"{why} (no projection); set student.dim=0, or student.init=random and "
+                        "loss.alpha_cos=0")
     n_t = tconf.num_hidden_layers
     layers = list(cfg_student.layers) or even_layer_map(n_t, cfg_student.n_layers)
     if len(layers) != cfg_student.n_layers:
@@ -156,6 +164,11 @@ def build_student(teacher, cfg_student, attn_implementation: str = "eager"):
         raise UserError(f"student.n_layers: {cfg_student.n_layers} > the teacher's {n_t} layers")
     sconf = student_config_from_teacher(tconf, cfg_student.n_layers, cfg_student.dropout,
                                         cfg_student.attention_dropout, attn_implementation)
+    if dim != tconf.hidden_size:
+        if dim % sconf.n_heads:
+            raise UserError(f"student.dim: {dim} is not divisible by the "
+                            f"{sconf.n_heads} attention heads")
+        sconf.dim, sconf.hidden_dim = dim, 4 * dim
     student = DistilBertForMaskedLM(sconf)
     if cfg_student.init == "teacher":
         init_student_from_teacher(student, teacher, layers)

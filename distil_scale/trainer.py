@@ -76,6 +76,17 @@ def setup_distributed(backend: str) -> tuple[int, int, int]:
     return rank, world, local
 
 
+def mean_over_ranks(terms: dict) -> dict[str, float]:
+    """Loss terms averaged over the data-parallel ranks: the global batch's loss, not rank 0's
+    share of it (one small all-reduce, at the log interval only)."""
+    keys = sorted(terms)
+    t = torch.stack([torch.as_tensor(terms[k]).float() for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -98,12 +109,18 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a directory holding another run before anything is loaded or written."""
     holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
     if holds_run and not (resume or overwrite):
         raise UserError(f"run.output_dir: '{out}' holds another run; pass --resume to continue "
                         "it, --overwrite to replace it, or choose another run.output_dir")
-    if holds_run and overwrite and not resume and is_main:
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """Clear a replaced run only once every input has been validated and loaded: a bad input
+    with --overwrite must not cost the previous run."""
+    if overwrite and not resume and is_main and out.is_dir():
         for name in (*RUN_MARKERS, "tb", "student"):
             p = out / name
             if p.is_dir():
@@ -169,8 +186,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     assert accum * micro * world == glob
 
     out = Path(cfg.run.output_dir)
-    prepare_output_dir(out, resume, overwrite, is_main)
-    barrier()
+    check_output_dir(out, resume, overwrite)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -182,6 +198,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     eval_ids = build_eval_set(cfg.data, tokenizer, cfg.data.eval_sequences, seed=cfg.run.seed)
     cls = engine_class(cfg.parallel.backend)
     precision = cls.resolve_precision(cfg.train.precision, device, ds_config)
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA GPU (on CPU it is ~500x slower "
+                          "than bf16); use train.precision=bf16 or fp32")
     amp = torch.bfloat16 if precision == "bf16" else torch.float16
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if precision != "fp32" else (
         lambda: torch.autocast(device.type, enabled=False))
@@ -190,10 +209,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     attn = cfg.train.attn_implementation
     if attn == "auto":
         attn = "eager" if device.type == "cpu" else "sdpa"
+    if cfg.data.max_seq_len > teacher_mlm.config.max_position_embeddings:
+        raise ConfigError(f"data.max_seq_len: {cfg.data.max_seq_len} exceeds the teacher's "
+                          f"{teacher_mlm.config.max_position_embeddings} positions; lower it")
     seed_all(cfg.run.seed)  # the same student init on every rank, prepared teacher or not
-    student_mlm, layer_map = build_student(teacher_mlm, cfg.student, attn)
+    student_mlm, layer_map = build_student(teacher_mlm, cfg.student, attn,
+                                           cosine_loss=cfg.loss.alpha_cos > 0)
     teacher_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                     "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[
+                     # half precision on CUDA; fp16 where the run is fp16 (V100: no bf16)
+                     "auto": (torch.float16 if precision == "fp16" else torch.bfloat16)
+                     if device.type == "cuda" else torch.float32}[
         cfg.teacher.dtype]
     teacher = TeacherForDistillation(teacher_mlm).to(device=device, dtype=teacher_dtype)
     student = StudentForDistillation(student_mlm)
@@ -222,6 +247,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     seed_all(cfg.run.seed + 1000 * rank)  # dropout differs per rank, as in data parallelism
 
     # -- resume -------------------------------------------------------------------------------
+    prepare_output_dir(out, resume, overwrite, is_main)
+    barrier()
     ckpts = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
     start_step = 0
     counters = {"skipped_total": 0, "nonfinite_run": 0, "sequences": 0, "acc_start": None}
@@ -356,7 +383,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                 bar.update(1)
 
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                    vals = {f"loss/{k}": float(v) / window_steps for k, v in acc_terms.items()}
+                    vals = {f"loss/{k}": v / window_steps
+                            for k, v in mean_over_ranks(acc_terms).items()}
                     for k in ("ce", "mlm", "cos", "mse"):
                         vals[f"loss/{k}_weighted"] = vals[f"loss/{k}"] * getattr(
                             weights, f"alpha_{k}")

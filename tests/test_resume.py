@@ -1,0 +1,177 @@
+"""Runs that survive: SIGKILL + --resume is exact, SIGTERM checkpoints and exits 0, corrupt or
+unfinished checkpoints are skipped, a failing source is retried."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, read_metrics, run_launcher, tiny_overrides
+
+STEPS, EVERY = 40, 5
+
+
+def _args(teacher, corpus, out, **kw):
+    return tiny_overrides(teacher, corpus, out, **{
+        "train.max_steps": STEPS, "checkpoint.every_steps": EVERY, "train.log_every": 1,
+        "train.eval_every": 1000, "checkpoint.keep_last": 2, **kw})
+
+
+def _train_rows(out):
+    return {m["step"]: m for m in read_metrics(out) if "loss/total" in m}
+
+
+def _start(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO)
+
+
+def _wait_for(path, proc, timeout=300):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_teacher, corpus):
+    out = tmp_path_factory.mktemp("ref") / "r"
+    r = run_launcher("pretrain.py", _args(tiny_teacher, corpus, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return _train_rows(out)
+
+
+def test_sigkill_then_resume_is_exact(tmp_path, tiny_teacher, corpus, reference):
+    out = tmp_path / "r"
+    args = _args(tiny_teacher, corpus, out)
+    proc = _start(args)
+    _wait_for(out / "checkpoints" / "step-00000010" / "COMPLETE", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {int(p.name[5:]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step")}
+    killed_at = max(_train_rows(out))
+    assert killed_at < STEPS, "the run finished before the kill; make it longer"
+    r = run_launcher("pretrain.py", args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed_from = max(s for s in done if s <= killed_at)
+    assert f"(step {resumed_from})" in r.stdout
+    rows = _train_rows(out)
+    assert sorted(rows) == list(range(1, STEPS + 1))  # nothing missing, nothing twice
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert rows[step]["loss/total"] == pytest.approx(reference[step]["loss/total"],
+                                                         abs=1e-6, rel=0), step
+        # exactly the sequences of the uninterrupted run: none repeated, none skipped
+        assert rows[step]["data/sequences"] == reference[step]["data/sequences"] == step * 8
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path, tiny_teacher, corpus, reference):
+    out = tmp_path / "r"
+    args = _args(tiny_teacher, corpus, out)
+    proc = _start(args)
+    _wait_for(out / "checkpoints" / "step-00000005" / "COMPLETE", proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "preempted: checkpoint saved at step" in stdout and "--resume" in stdout
+    step = int(stdout.split("preempted: checkpoint saved at step ")[1].split(";")[0])
+    assert step < STEPS
+    assert (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file()
+    r = run_launcher("pretrain.py", args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = _train_rows(out)
+    assert rows[STEPS]["loss/total"] == pytest.approx(reference[STEPS]["loss/total"], abs=1e-6)
+
+
+def test_unfinished_and_corrupt_checkpoints_are_skipped(tmp_path, tiny_teacher, corpus):
+    out = tmp_path / "r"
+    args = _args(tiny_teacher, corpus, out, **{"train.max_steps": 10})
+    assert run_launcher("pretrain.py", args).returncode == 0
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000005", "step-00000010"]
+    (ck / "step-00000010" / "engine.pt").write_bytes(b"not a checkpoint")  # corrupt latest
+    shutil.copytree(ck / "step-00000005", ck / "step-00000099")
+    (ck / "step-00000099" / "COMPLETE").unlink()  # a newer one that never finished
+    r = run_launcher("pretrain.py", _args(tiny_teacher, corpus, out,
+                                          **{"train.max_steps": 12}) + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step-00000099 has no COMPLETE marker" in r.stderr
+    assert "step-00000010 failed to load" in r.stderr
+    assert "(step 5)" in r.stdout
+    assert max(_train_rows(out)) == 12
+
+
+def test_keep_last_never_deletes_the_only_complete_checkpoint(tmp_path):
+    from distil_scale.checkpoint import CheckpointManager
+
+    m = CheckpointManager(tmp_path / "ck", keep_last=1)
+    m.save(1, lambda d: (d / "x").write_text("1"))
+    (tmp_path / "ck" / "step-00000002").mkdir()  # incomplete: does not count
+    m._prune()
+    assert [p.name for p in m.complete()] == ["step-00000001"]
+    m.save(3, lambda d: (d / "x").write_text("3"))
+    assert [p.name for p in m.complete()] == ["step-00000003"]
+
+
+def test_diverging_run_stops_after_k_nonfinite_steps(tmp_path, tiny_teacher, corpus):
+    out = tmp_path / "r"
+    r = run_launcher("pretrain.py", tiny_overrides(
+        tiny_teacher, corpus, out, **{"train.lr": 1e25, "train.warmup_steps": 0,
+                                      "train.max_grad_norm": 0, "train.max_nonfinite_steps": 3,
+                                      "train.max_steps": 20, "train.log_every": 1}))
+    assert r.returncode == 1, r.stdout[-1000:] + r.stderr[-1000:]
+    assert "non-finite steps in a row" in r.stderr and "Traceback" not in r.stderr
+    skipped = [m["optim/skipped_steps"] for m in read_metrics(out) if "optim/skipped_steps" in m]
+    assert skipped and skipped[-1] >= 2
+
+
+class _FlakyRows:
+    """A datasets-like stream that raises a network error after ``fail_after`` rows."""
+
+    def __init__(self, texts, fail_after, failures):
+        self.texts, self.fail_after, self.failures = texts, fail_after, failures
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, sd):
+        self.pos = sd["pos"]
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        while self.pos < len(self.texts):
+            if self.pos == self.fail_after and self.failures > 0:
+                self.failures -= 1
+                raise ConnectionError("connection reset by peer")
+            self.pos += 1
+            yield {"text": self.texts[self.pos - 1]}
+
+
+def test_stream_retries_then_gives_up(monkeypatch):
+    from transformers import AutoTokenizer
+
+    from conftest import minilm_path
+    from distil_scale.config import DataConfig
+    from distil_scale.data import loader as L
+
+    monkeypatch.setattr(L.time, "sleep", lambda s: None)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    texts = [f"text number {i} " + "the river and the city " * 10 for i in range(30)]
+    cfg = DataConfig(source="x", max_seq_len=32, shuffle_buffer=1, heldout_fraction=1e-9,
+                     max_retries=2)
+    ok = L.PretrainStream(cfg, tok, 2, open_fn=lambda c, **k: _FlakyRows(texts, 5, 2))
+    ref = L.PretrainStream(cfg, tok, 2, open_fn=lambda c, **k: _FlakyRows(texts, 5, 0))
+    for _ in range(6):  # two failures, each retried from the last good row: same batches
+        assert ok.next_batch().tolist() == ref.next_batch().tolist()
+    dead = L.PretrainStream(cfg, tok, 2, open_fn=lambda c, **k: _FlakyRows(texts, 5, 99))
+    with pytest.raises(L.StreamError, match="failed 3 times"):
+        for _ in range(6):
+            dead.next_batch()
