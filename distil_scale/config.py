@@ -36,6 +36,9 @@ class TeacherConfig:
     # checkpoint instead of distilling from a random head.
     prepare_steps: int = 150
     prepare_unfreeze_layers: int = 2
+    # also train the embeddings (tied to the output projection): all-MiniLM-L6-v2's [MASK]
+    # embedding is nearly zero (norm 0.25 vs ~1.1), so a frozen one can barely be read
+    prepare_unfreeze_embeddings: bool = False
     prepare_lr: float = 3e-4
     prepare_head_lr: float = 3e-3
     prepare_batch: int = 16

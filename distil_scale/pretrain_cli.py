@@ -30,7 +30,7 @@ def parse_args(argv=None):
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.max_steps=100 run.output_dir=runs/x")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may sit between the overrides
 
 
 @main_guard

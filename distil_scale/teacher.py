@@ -89,6 +89,7 @@ def load_teacher(cfg, tokenizer, device: torch.device, autocast, eval_ids: torch
                             "missing), and distilling from a random head teaches noise; set "
                             "teacher.prepare_steps > 0 to fit one, or use a masked-LM checkpoint")
         key = hashlib.sha1(json.dumps([path, tc.prepare_steps, tc.prepare_unfreeze_layers,
+                                       tc.prepare_unfreeze_embeddings,
                                        tc.prepare_lr, tc.prepare_head_lr, tc.prepare_batch,
                                        cfg.data.source, cfg.data.max_seq_len, cfg.run.seed,
                                        cfg.data.heldout_fraction]).encode()).hexdigest()[:12]
@@ -126,6 +127,8 @@ def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, out_dir: Pat
     n_layers = model.config.num_hidden_layers
     body = [p for layer in model.bert.encoder.layer[n_layers - tc.prepare_unfreeze_layers:]
             for p in layer.parameters()] if tc.prepare_unfreeze_layers > 0 else []
+    if tc.prepare_unfreeze_embeddings:
+        body += list(model.bert.embeddings.parameters())
     head_params = list(head.transform.parameters()) + [head.bias]
     for p in body + head_params:
         p.requires_grad_(True)
@@ -171,6 +174,7 @@ def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, out_dir: Pat
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     meta = {"steps": tc.prepare_steps, "unfreeze_layers": tc.prepare_unfreeze_layers,
+            "unfreeze_embeddings": tc.prepare_unfreeze_embeddings,
             "acc_before": acc0, "acc_after": acc1, "loss_after": loss1,
             "wall_s": round(time.time() - t0, 1)}
     (tmp / "PREPARED.json").write_text(json.dumps(meta, indent=2))
