@@ -30,12 +30,7 @@ def load_ds_config(path: str, cfg, world: int) -> dict:
               "train_batch_size": (glob, "train.global_batch"),
               "gradient_clipping": (cfg.train.max_grad_norm, "train.max_grad_norm")}
     for key, (value, source) in wanted.items():
-        have = ds.get(key, "auto")
-        if have == "auto":
-            ds[key] = value
-        elif have != value:
-            raise ConfigError(f"--ds: {key}={have} in '{path}' contradicts {source}={value}; "
-                              f"set it to \"auto\" or make them agree")
+        _reconcile(ds, key, value, source, path, key)
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
         params = opt.setdefault("params", {})
@@ -43,14 +38,18 @@ def load_ds_config(path: str, cfg, world: int) -> dict:
                                    ("weight_decay", cfg.train.weight_decay,
                                     "train.weight_decay"),
                                    ("eps", cfg.train.adam_eps, "train.adam_eps")):
-            have = params.get(key, "auto")
-            if have == "auto":
-                params[key] = value
-            elif have != value:
-                raise ConfigError(f"--ds: optimizer.params.{key}={have} in '{path}' contradicts "
-                                  f"{source}={value}; set it to \"auto\" or make them agree")
+            _reconcile(params, key, value, source, path, f"optimizer.params.{key}")
     for half in ("bf16", "fp16"):
         sect = ds.get(half)
         if isinstance(sect, dict) and sect.get("enabled") == "auto":
             sect["enabled"] = cfg.train.precision == half
     return ds
+
+
+def _reconcile(section: dict, key: str, value, source: str, path: str, label: str) -> None:
+    have = section.get(key, "auto")
+    if have == "auto":
+        section[key] = value
+    elif have != value:
+        raise ConfigError(f"--ds: {label}={have} in '{path}' contradicts {source}={value}; "
+                          f"set it to \"auto\" or make them agree")

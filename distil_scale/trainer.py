@@ -303,7 +303,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
     t_eval = mlm_eval(teacher_logits, eval_batches, device, autocast)
 
-    n_s = sum(p.numel() for p in student_mlm.parameters())
+    # ZeRO-3 leaves each rank an empty shard of every parameter; ds_numel is the full size
+    n_s = sum(getattr(p, "ds_numel", p.numel()) for p in student_mlm.parameters())
     n_t = sum(p.numel() for p in teacher_mlm.parameters())
     say(f"run: {out.resolve()}  backend {engine.name} x{world}  precision {precision}  "
         f"device {device}")
@@ -320,8 +321,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     if start_step == 0:
         counters["acc_start"] = evaluate(0)["eval/student_mlm_acc"]
 
-    def save_checkpoint(step: int) -> Path:
-        state = {"step": step, "data": loader.state_dict(), "masker": masker.state_dict(),
+    def save_checkpoint(step: int, data_state: dict | None = None) -> Path:
+        state = {"step": step, "data": data_state or loader.state_dict(),
+                 "masker": masker.state_dict(),
                  "rng": rng_state(), "counters": dict(counters)}
 
         def write(d: Path):
@@ -346,12 +348,14 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             while step < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 wait = 0.0
+                step_start_data = loader.snapshot()
                 for micro_i in range(accum):
                     tw = time.perf_counter()
                     try:
                         ids = next(loader)
                     except StreamError as e:
-                        save_checkpoint(step)
+                        # the micro-batches of this unfinished step are read again on resume
+                        save_checkpoint(step, step_start_data)
                         raise TrainingError(f"{e}; checkpoint saved at step {step}, resume with "
                                             f"{resume_command or '--resume'}") from None
                     wait += time.perf_counter() - tw

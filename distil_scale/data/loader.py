@@ -171,6 +171,11 @@ class BatchLoader:
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state)
 
+    def snapshot(self) -> dict:
+        """The current state without a copy: each batch brings a fresh state dict, so a
+        reference taken now stays valid (cheap enough to take every step)."""
+        return self._state
+
     def load_state_dict(self, sd: dict) -> None:
         if self._thread is not None:
             raise RuntimeError("load_state_dict before the first batch")
