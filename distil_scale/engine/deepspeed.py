@@ -1,0 +1,184 @@
+"""DeepSpeed ZeRO 0-3 behind the engine interface, configured by the ``--ds`` JSON.
+
+``deepspeed [--num_gpus N] launch/pretrain.py --ds ds_configs/rtx4070.json``. What the JSON
+decides: the ZeRO stage, optimizer/parameter offload, bf16 or fp16 (with dynamic loss scaling),
+bucket sizes. What the YAML decides (ds_config.py fills the JSON's ``"auto"`` fields from it and
+refuses contradictions): batch sizes, clipping, learning rate, AdamW eps and weight decay. The
+schedule is the plain engine's (linear warmup and decay) handed to DeepSpeed as a client
+scheduler, so every backend follows the same learning-rate curve.
+
+DeepSpeed counts micro-steps itself: ``backward`` here is DeepSpeed's backward (which scales by
+1/accumulation) followed by ``step()``, which only updates at the accumulation boundary; the
+trainer's ``step()`` then reports what that boundary did. Only the student is given to
+DeepSpeed: the frozen teacher is never partitioned or optimized, it stays replicated.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ConfigError
+from .base import Engine, StepResult, param_groups
+
+log = logging.getLogger(__name__)
+TAG = "ds"  # DeepSpeed's checkpoint tag inside each step-N directory
+
+
+def json_precision(ds_config: dict | None) -> str:
+    ds = ds_config or {}
+    on = [h for h in ("bf16", "fp16") if isinstance(ds.get(h), dict)
+          and ds[h].get("enabled") is True]
+    if len(on) > 1:
+        raise ConfigError("--ds: both bf16 and fp16 are enabled; enable one of them")
+    return on[0] if on else "fp32"
+
+
+def zero_stage(ds_config: dict | None) -> int:
+    return int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A plain ``python launch/pretrain.py --ds ...`` (no launcher) runs as a world of one;
+    without RANK/WORLD_SIZE/MASTER_* DeepSpeed would go looking for MPI."""
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    from .ddp import world_of_one_env
+
+    world_of_one_env()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    @classmethod
+    def resolve_precision(cls, precision: str, device: torch.device,
+                          ds_config: dict | None = None) -> str:
+        """The JSON's bf16/fp16 sections decide; train.precision may only agree with them."""
+        in_json = json_precision(ds_config)
+        if precision not in ("auto", in_json):
+            raise ConfigError(f"train.precision: {precision} contradicts the DeepSpeed JSON "
+                              f"({in_json}); set train.precision=auto to take the JSON's, or "
+                              "edit its bf16/fp16 sections")
+        if in_json == "fp16" and device.type != "cuda":
+            # the V100 profile on a CPU: fp16 matmuls run ~500x slower than bf16 there
+            log.warning("fp16 from the DeepSpeed JSON is for CUDA; running bf16 on %s",
+                        device.type)
+            return "bf16"
+        return in_json
+
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, adam_eps: float,
+                 warmup_steps: int, total_steps: int, max_grad_norm: float, precision: str,
+                 accum_steps: int, device: torch.device, compile: bool = False,
+                 ds_config: dict | None = None):
+        import deepspeed
+        from transformers import get_linear_schedule_with_warmup
+
+        if ds_config is None:
+            raise ConfigError("parallel.backend: 'deepspeed' needs --ds DS_JSON "
+                              "(e.g. --ds ds_configs/rtx4070.json)")
+        ds = copy.deepcopy(ds_config)
+        if "scheduler" in ds:
+            raise ConfigError("--ds: remove the \"scheduler\" section; the schedule comes from "
+                              "train.warmup_steps and train.max_steps (linear warmup and decay)")
+        self.device = device
+        self.precision = precision
+        self.accum_steps = accum_steps
+        self.max_grad_norm = max_grad_norm
+        # the resolved precision is the one DeepSpeed runs (fp16 sections keep their loss
+        # scaling settings; on a CPU an fp16 profile runs bf16)
+        for half in ("bf16", "fp16"):
+            if half in ds or precision == half:
+                ds[half] = {**(ds.get(half) or {}), "enabled": precision == half}
+        ds.setdefault("optimizer", {"type": "AdamW", "params": {
+            "lr": lr, "eps": adam_eps, "weight_decay": weight_decay}})
+        ds.setdefault("steps_per_print", 1 << 30)  # the trainer logs; DeepSpeed stays quiet
+        self.ds_config = ds
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed's own ZeRO code calls this torch API at every step
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                                category=FutureWarning)
+        ensure_process_group(device)
+        self.raw_module = model.to(device)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.raw_module, model_parameters=param_groups(self.raw_module, weight_decay),
+            config=ds,
+            lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup_steps,
+                                                                     total_steps))
+        if self.ds.gradient_accumulation_steps() != accum_steps:
+            raise ConfigError(f"--ds: gradient_accumulation_steps="
+                              f"{self.ds.gradient_accumulation_steps()} but the trainer "
+                              f"accumulates {accum_steps} micro-batches; set it to \"auto\"")
+        if compile:
+            self.ds.compile()
+        self.module = self.ds
+        self.stage = self.ds.zero_optimization_stage()
+        self._skipped = self.ds.skipped_steps
+        self._steps = self.ds.global_steps
+
+    # -- the interface ------------------------------------------------------------------------
+    def backward(self, micro_loss: torch.Tensor) -> None:
+        self.ds.backward(micro_loss)  # scales by 1/accumulation (and by the fp16 loss scale)
+        self.ds.step()  # a no-op until the accumulation boundary, the update there
+
+    def step(self) -> StepResult:
+        if self.ds.global_steps != self._steps + 1:
+            raise RuntimeError(f"deepspeed: {self.ds.global_steps - self._steps} optimizer "
+                               f"steps in one trainer step (accumulation {self.accum_steps}); "
+                               "the micro-step counts disagree")
+        self._steps = self.ds.global_steps
+        skipped = self.ds.skipped_steps > self._skipped  # fp16 overflow: DeepSpeed dropped it
+        self._skipped = self.ds.skipped_steps
+        norm = self.ds.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        # bf16/fp32 updates are not dropped on a non-finite norm; report it as skipped anyway so
+        # that the trainer's max_nonfinite_steps guard stops the run
+        return StepResult(norm, skipped or not math.isfinite(norm))
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def save(self, ckpt_dir: Path) -> None:
+        """DeepSpeed's own checkpoint: every rank writes its optimizer partition."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=TAG)
+
+    def load(self, ckpt_dir: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{TAG}' in {ckpt_dir}")
+        self._skipped = self.ds.skipped_steps
+        self._steps = self.ds.global_steps
+
+    def export_module(self) -> nn.Module | None:
+        """The fp32 master weights, gathered from their ZeRO partitions (a collective: every
+        rank calls it); rank 0 gets a fresh unwrapped student."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from .fsdp import rebuild_student
+
+        module = self.ds.module
+        keys = set(module.state_dict().keys())
+        full = {}
+        for name, p in module.named_parameters():  # a tied weight comes once
+            t = safe_get_full_fp32_param(p)
+            if t is None:  # no ZeRO optimizer owns it (stage 0): the module holds it whole
+                t = p.detach()
+            if self.rank == 0:
+                full[name] = t.detach().float().cpu().clone()
+        if self.rank != 0:
+            return None
+        for name, b in module.named_buffers():
+            if name in keys:
+                full[name] = b.detach().cpu().clone()
+        return rebuild_student(module, full)

@@ -1,0 +1,127 @@
+"""torchrun with FSDP2: ``fully_shard`` on each transformer block and on the root.
+
+``torchrun --nproc_per_node N launch/pretrain.py parallel.backend=fsdp``. Parameters, gradients
+and AdamW states are sharded over the ranks (dim 0 of every tensor); each block is gathered for
+its forward and its backward and freed after. bf16 runs use a ``MixedPrecisionPolicy``: bf16
+compute weights, fp32 gradient reduction and fp32 sharded master weights. Gradients are
+reduce-scattered at every micro-step, so the accumulated gradient stays sharded (skipping the
+sync before the last micro-step would keep a full unsharded fp32 gradient per rank, which is
+what FSDP is there to avoid). The word embeddings and the tied output projection live in the
+root group, so the tie survives sharding.
+
+Checkpoints are Distributed Checkpoint (DCP) directories: every rank writes its own shards of
+the model and optimizer under ``dcp/`` and reads them back (also onto another world size).
+The frozen teacher is not sharded: it stays a plain replicated module on every rank.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ConfigError
+from .base import Engine
+from .ddp import ensure_process_group
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The per-layer modules to shard separately: DistilBERT's ``transformer.layer``."""
+    base = model.mlm.base_model if hasattr(model, "mlm") else model.base_model
+    for path in ("transformer.layer", "encoder.layer"):
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList):
+            return list(node)
+    raise ValueError(f"no transformer blocks found in {type(model).__name__}")
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        ensure_process_group(self.device)
+        if self.precision == "fp16":
+            raise ConfigError("train.precision: fp16 is not supported with parallel.backend="
+                              "fsdp here; use bf16 (or the deepspeed backend, whose fp16 has "
+                              "loss scaling)")
+        self.mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.precision == "bf16" else MixedPrecisionPolicy()
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=self.mesh, mp_policy=mp)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        return model
+
+    def clip_and_norm(self) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.raw_module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if isinstance(norm, DTensor):  # a partial sum per rank: the all-reduce happens here
+            norm = norm.full_tensor()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        return norm
+
+    # -- checkpoints: DCP shards + the small replicated rest -----------------------------------
+    def _rest(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def save(self, ckpt_dir: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.raw_module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd},
+                 checkpoint_id=str(Path(ckpt_dir) / "dcp"))
+        if self.rank == 0:
+            torch.save(self._rest(), Path(ckpt_dir) / "engine_rest.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.raw_module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
+        set_state_dict(self.raw_module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        rest = torch.load(Path(ckpt_dir) / "engine_rest.pt", map_location="cpu",
+                          weights_only=False)
+        self.scheduler.load_state_dict(rest["scheduler"])
+        self.scaler.load_state_dict(rest["scaler"])
+
+    def export_module(self) -> nn.Module | None:
+        """All ranks gather (a collective); rank 0 gets a fresh fp32 copy of the student."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+
+        full = get_model_state_dict(
+            self.raw_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        return rebuild_student(self.raw_module, full)
+
+
+def rebuild_student(module: nn.Module, full_state: dict) -> nn.Module:
+    """A new unwrapped StudentForDistillation on CPU holding ``full_state`` (as fp32)."""
+    from transformers import DistilBertForMaskedLM
+
+    from ..models import StudentForDistillation
+
+    student = StudentForDistillation(DistilBertForMaskedLM(module.mlm.config))
+    missing, unexpected = student.load_state_dict(
+        {k: v.float() for k, v in full_state.items()}, strict=False)
+    # the tied output projection may come under either name; tie_weights restores the other
+    tied = {"mlm.vocab_projector.weight", "mlm.distilbert.embeddings.word_embeddings.weight"}
+    if unexpected or set(missing) - tied or tied <= set(missing):
+        raise RuntimeError(f"student export: missing {sorted(missing)}, "
+                           f"unexpected {sorted(unexpected)}")
+    student.mlm.tie_weights()
+    return student

@@ -1,0 +1,288 @@
+"""Per-GPU memory plan for a DeepSpeed profile and a YAML config, without a GPU.
+
+``python launch/plan.py --ds ds_configs/rtx4070.json [--config configs/paper.yaml]
+--gpu-mem-gib 12`` prints one row per consumer with its arithmetic, DeepSpeed's own estimator
+beside the model-state rows, and a last line ``fits`` or ``does not fit`` with the headroom.
+
+Shapes come from configs only (models are built on the meta device: no weights, no download;
+well-known hub teachers have their config built in for offline use). Batch sizes go through
+the same reconciliation as a run (ds_config.load_ds_config), so a plan can never describe a
+batch the run would refuse. Activation sizes follow Korthikanti et al. 2022 ("Reducing
+Activation Recomputation in Large Transformer Models"), adapted to DistilBERT's layer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ConfigError, load_config
+
+GiB = 2 ** 30
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = os.path.join(REPO, "configs", "paper.yaml")
+# CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation: not computable, assumed
+RESERVE_GIB = 1.0
+
+# configs of common teachers, so that planning needs no network (transformers' BertConfig
+# defaults are bert-base-uncased)
+KNOWN_TEACHERS = {
+    "bert-base-uncased": {},
+    "google-bert/bert-base-uncased": {},
+    "bert-base-cased": {"vocab_size": 28996},
+    "google-bert/bert-base-cased": {"vocab_size": 28996},
+    "bert-large-uncased": {"hidden_size": 1024, "num_hidden_layers": 24,
+                           "num_attention_heads": 16, "intermediate_size": 4096},
+    "google-bert/bert-large-uncased": {"hidden_size": 1024, "num_hidden_layers": 24,
+                                       "num_attention_heads": 16, "intermediate_size": 4096},
+}
+
+
+@dataclass
+class Row:
+    label: str
+    nbytes: float
+    how: str
+
+
+@dataclass
+class Plan:
+    header: list[str]
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+    gpu_bytes: float = 0.0
+    total: float = 0.0
+    model_state_bytes: float = 0.0
+    ds_estimate_gpu: float | None = None
+    ds_estimate_cpu: float | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes
+
+    def lines(self) -> list[str]:
+        out = list(self.header)
+        out.append(f"{'per GPU':<42}{'GiB':>8}   arithmetic")
+        for r in self.rows:
+            out.append(f"  {r.label:<40}{r.nbytes / GiB:>8.3f}   {r.how}")
+        out.append(f"  {'total':<40}{self.total / GiB:>8.3f}")
+        out.extend(self.notes)
+        head = (self.gpu_bytes - self.total) / GiB
+        verdict = "fits" if self.fits else "does not fit"
+        out.append(f"{verdict}: {self.total / GiB:.2f} GiB of {self.gpu_bytes / GiB:.2f} GiB per "
+                   f"GPU, headroom {head:+.2f} GiB")
+        return out
+
+
+def teacher_config(name_or_path: str):
+    from transformers import AutoConfig, BertConfig
+
+    from .cli import UserError
+    from .models import resolve_model_path
+
+    if name_or_path in KNOWN_TEACHERS and not os.path.isdir(name_or_path):
+        return BertConfig(**KNOWN_TEACHERS[name_or_path])
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"teacher.name_or_path: cannot read the config of '{name_or_path}' "
+                        f"({str(e).splitlines()[0][:120]}); point it at a local model "
+                        "directory") from None
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(unique parameters, largest single parameter-holding module's parameters)."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() skips a tied duplicate
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+def _fmt(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
+              config_name: str = "", ds_name: str = "") -> Plan:
+    from transformers import BertForMaskedLM, DistilBertForMaskedLM
+
+    from .engine.deepspeed import DeepSpeedEngine, zero_stage
+    from .models import student_config_from_teacher
+
+    world = gpus * nodes
+    tconf = teacher_config(cfg.teacher.name_or_path)
+    attn = cfg.train.attn_implementation
+    attn = "sdpa" if attn == "auto" else attn  # auto is sdpa on CUDA
+    sconf = student_config_from_teacher(tconf, cfg.student.n_layers, cfg.student.dropout,
+                                        cfg.student.attention_dropout, attn)
+    with torch.device("meta"):
+        P, largest = count_params(DistilBertForMaskedLM(sconf))
+        P_t, _ = count_params(BertForMaskedLM(tconf))
+
+    precision = DeepSpeedEngine.resolve_precision(cfg.train.precision, torch.device("cuda"), ds)
+    half = precision in ("bf16", "fp16")
+    e = 2 if half else 4  # bytes of a compute-precision element
+    stage = zero_stage(ds)
+    zo = ds.get("zero_optimization") or {}
+    off_opt = (zo.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+    off_par = stage == 3 and (zo.get("offload_param") or {}).get("device", "none") in (
+        "cpu", "nvme")
+    pinned = bool((zo.get("offload_optimizer") or {}).get("pin_memory"))
+    micro = int(ds["train_micro_batch_size_per_gpu"])
+    accum = int(ds["gradient_accumulation_steps"])
+    s, b = cfg.data.max_seq_len, micro
+    h, f, a, L, V = sconf.dim, sconf.hidden_dim, sconf.n_heads, sconf.n_layers, sconf.vocab_size
+    reduce_bucket = float(zo.get("reduce_bucket_size", 5e8))
+    gather_bucket = float(zo.get("allgather_bucket_size", 5e8))
+    prefetch = float(zo.get("stage3_prefetch_bucket_size", 5e7))
+
+    header = [
+        f"memory plan: {ds_name} + {config_name}, {gpus} GPU(s) x {nodes} node(s) = {world}, "
+        f"{gpu_mem_gib:g} GiB each",
+        f"student DistilBertForMaskedLM: {L} layers, dim {h}, ffn {f}, {a} heads, vocab {V}: "
+        f"P = {_fmt(P)} parameters",
+        f"teacher BertForMaskedLM: {tconf.num_hidden_layers} layers, dim {tconf.hidden_size}: "
+        f"{_fmt(P_t)} parameters, frozen, a replicated "
+        f"{'fp32' if cfg.teacher.dtype == 'fp32' else 'half-precision'} copy on every GPU "
+        "(never sharded, never in an optimizer)",
+        f"run: ZeRO-{stage}, {precision}, optimizer "
+        + (f"offloaded to CPU{' (pinned)' if pinned else ''}" if off_opt else "on GPU")
+        + (", parameters offloaded to CPU" if off_par else "")
+        + f"; micro batch {micro} x seq {s}, accumulation {accum} x {world} GPU(s) = global "
+        f"{micro * accum * world}",
+    ]
+    rows: list[Row] = []
+    shard = world if stage >= 1 else 1
+
+    # -- model states ---------------------------------------------------------------------------
+    if stage == 3:
+        live = largest + prefetch
+        if off_par:
+            rows.append(Row(f"student parameters ({precision})", live * e,
+                            f"on CPU; gathered: largest layer {_fmt(largest)} + prefetch "
+                            f"bucket {prefetch:.1e}, x {e} B"))
+        else:
+            rows.append(Row(f"student parameters ({precision})", e * P / world + live * e,
+                            f"{e} B x P / {world} + gathered (largest layer {_fmt(largest)} + "
+                            f"prefetch bucket {prefetch:.1e}) x {e} B"))
+    else:
+        rows.append(Row(f"student parameters ({precision})", e * P, f"{e} B x P"))
+    if off_opt:
+        rows.append(Row(f"student gradients ({precision})", reduce_bucket * e,
+                        f"reduce bucket {reduce_bucket:.1e} x {e} B (moved to CPU as reduced)"))
+    elif stage >= 2:
+        rows.append(Row(f"student gradients ({precision})", e * P / world + reduce_bucket * e,
+                        f"{e} B x P / {world} + reduce bucket {reduce_bucket:.1e} x {e} B"))
+    else:
+        rows.append(Row(f"student gradients ({precision})", e * P, f"{e} B x P"))
+    # AdamW m and v in fp32; mixed precision adds the fp32 master copy and fp32 gradients
+    opt_b = 16 if half else 8
+    opt_how = ("fp32 master 4 + m 4 + v 4 + fp32 grads 4 = 16 B" if half else
+               "m 4 + v 4 = 8 B")
+    if off_opt:
+        rows.append(Row("optimizer states", 0.0, f"on CPU: {opt_how} x P"
+                        + (f" / {shard}" if shard > 1 else "")
+                        + f" = {opt_b * P / shard / GiB:.2f} GiB per GPU process"
+                        + (" (pinned)" if pinned else "")))
+    else:
+        rows.append(Row("optimizer states", opt_b * P / shard,
+                        f"{opt_how} x P" + (f" / {shard}" if shard > 1 else "")))
+    if stage in (1, 2):
+        rows.append(Row("ZeRO all-gather bucket", gather_bucket * e,
+                        f"allgather bucket {gather_bucket:.1e} x {e} B"))
+    model_states = sum(r.nbytes for r in rows)
+
+    # -- activations (student, kept for backward) ---------------------------------------------
+    sbh, sbf, as2b = s * b * h, s * b * f, a * s * s * b
+    drop, adrop = cfg.student.dropout > 0, cfg.student.attention_dropout > 0
+    if attn == "eager":
+        attn_el, attn_how = (2 if adrop else 1) * as2b, f"{2 if adrop else 1}as^2b"
+        masks = (as2b if adrop else 0) + (2 * sbh if drop else 0)
+    else:  # SDPA kernels keep the output and a log-sum-exp, not the s x s scores
+        attn_el, attn_how = sbh + a * s * b * 2, "sbh + 2asb (SDPA)"
+        masks = 2 * sbh if drop else 0
+    per_layer = (8 * sbh + 2 * sbf + attn_el) * e + masks
+    emb = sbh * e + (sbh if drop else 0)
+    rows.append(Row(f"activations ({L} layers, {attn})", L * per_layer + emb,
+                    f"L x [(8sbh + 2sbf + {attn_how}) x {e} B + dropout masks 1 B] + "
+                    f"embeddings; s={s} b={b} h={h} f={f} a={a}"))
+    # -- vocabulary logits at the selected positions --------------------------------------------
+    frac = 1.0 if cfg.loss.kl_positions == "all" else cfg.masking.mlm_prob
+    n_sel = int(round(b * s * frac))
+    lb = 28 if half else 36
+    rows.append(Row("vocabulary logits", n_sel * V * lb,
+                    f"n_sel x V x {lb} B; n_sel = {b} x {s} x {frac:g} = {n_sel} positions "
+                    "(student logits + two fp32 log-softmaxes + a transient, teacher logits + "
+                    "its log-softmax, logit gradients)"))
+    rows.append(Row("hidden-state loss inputs (cos)", 12 * sbh,
+                    "3 fp32 copies of s x b x h (student, teacher, gradient)"))
+    # -- the teacher ------------------------------------------------------------------------------
+    te = 4 if cfg.teacher.dtype == "fp32" else 2  # auto: bf16 on CUDA (fp16 in fp16 runs)
+    rows.append(Row(f"teacher weights ({'fp16/bf16' if te == 2 else 'fp32'})", te * P_t,
+                    f"{te} B x {_fmt(P_t)}"))
+    tsbh, tsbf = s * b * tconf.hidden_size, s * b * tconf.intermediate_size
+    t_attn = a * s * s * b * te if attn == "eager" else 0
+    rows.append(Row("teacher forward (inference)",
+                    (6 * tsbh + tsbf) * te + t_attn + tsbh * te,
+                    f"(6sbh + sbf{' + as^2b' if attn == 'eager' else ''}) x {te} B: the one "
+                    "layer being computed + the kept last hidden state"))
+    rows.append(Row("CUDA context + allocator reserve", RESERVE_GIB * GiB, "assumed"))
+
+    plan = Plan(header, rows, gpu_bytes=gpu_mem_gib * GiB, model_state_bytes=model_states)
+    plan.total = sum(r.nbytes for r in rows)
+
+    # -- DeepSpeed's own estimators, beside ours -------------------------------------------------
+    try:
+        if stage in (1, 2):
+            from deepspeed.runtime.zero.stage_1_and_2 import \
+                estimate_zero2_model_states_mem_needs as est2
+
+            cpu, gpu = est2(P, gpus, nodes, cpu_offload=off_opt)
+            plan.ds_estimate_gpu, plan.ds_estimate_cpu = gpu, cpu
+            name = "estimate_zero2_model_states_mem_needs"
+        elif stage == 3:
+            from deepspeed.runtime.zero.stage3 import \
+                estimate_zero3_model_states_mem_needs as est3
+
+            cpu, gpu, _ = est3(P, largest, gpus, nodes, cpu_offload=off_opt,
+                               cpu_offload_params=off_par, zero_init=False)
+            plan.ds_estimate_gpu, plan.ds_estimate_cpu = gpu, cpu
+            name = "estimate_zero3_model_states_mem_needs"
+        if plan.ds_estimate_gpu is not None:
+            plan.notes.append(
+                f"  DeepSpeed {name}(P={_fmt(P)}): model states GPU "
+                f"{plan.ds_estimate_gpu / GiB:.3f} GiB, CPU {plan.ds_estimate_cpu / GiB:.2f} GiB "
+                f"(ours above, with buckets: {model_states / GiB:.3f} GiB)")
+    except ImportError:
+        plan.notes.append("  (deepspeed not installed: its estimators were skipped)")
+    return plan
+
+
+def main(argv=None) -> int:
+    from .ds_config import load_ds_config
+
+    p = argparse.ArgumentParser(
+        prog="launch/plan.py",
+        description="Per-GPU memory plan of a DeepSpeed profile with a YAML config; the last "
+                    "line says 'fits' or 'does not fit' (exit code 0 or 1).")
+    p.add_argument("--ds", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
+    p.add_argument("--config", help="YAML config (default: configs/paper.yaml, the paper's "
+                                    "6-layer student and bert-base-uncased teacher)")
+    p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory of one GPU")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.micro_batch=32")
+    args = p.parse_args(argv)
+    if args.gpus < 1 or args.nodes < 1:
+        raise ConfigError("--gpus and --nodes must be >= 1")
+    config = args.config or PAPER
+    cfg = load_config(config, args.overrides)
+    ds = load_ds_config(args.ds, cfg, args.gpus * args.nodes)
+    plan = make_plan(cfg, ds, gpus=args.gpus, nodes=args.nodes, gpu_mem_gib=args.gpu_mem_gib,
+                     config_name=os.path.relpath(config) if os.path.isabs(config) else config,
+                     ds_name=args.ds)
+    print("\n".join(plan.lines()), flush=True)
+    return 0 if plan.fits else 1
