@@ -44,7 +44,8 @@ class TeacherConfig:
     prepare_batch: int = 16
     # where a prepared teacher is saved for reuse; empty: ~/.cache/distil_scale/teachers/<key>
     prepared_dir: str = ""
-    # dtype of the frozen teacher's weights: auto = bf16 on CUDA (it never trains), fp32 on CPU
+    # dtype of the frozen teacher's weights: auto = half precision on CUDA (bf16, or fp16 in an
+    # fp16 run: a V100 has no bf16), fp32 on CPU
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
