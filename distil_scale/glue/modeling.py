@@ -101,11 +101,12 @@ def load_for_finetune(path: str, task: Task, flag: str = "--model"):
             raise UserError(f"{flag}: cannot load '{path}' as a sequence classifier "
                             f"({first})") from None
         raise _hub_error(flag, path, e) from None
-    new = sorted(set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])})
+    mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
+    new = sorted(set(info["missing_keys"]) | mismatched)
     return model, new
 
 
-def load_teacher(path: str, task: Task, flag: str = "--teacher"):
+def load_teacher(path: str, task: Task, flag: str = "--teacher", spec: Optional[str] = None):
     """A FINE-TUNED classifier for ``task``, or a UserError.
 
     Refused: a checkpoint whose classification head is missing (it would be initialised at
@@ -124,21 +125,22 @@ def load_teacher(path: str, task: Task, flag: str = "--teacher"):
             raise UserError(f"{flag}: cannot load '{path}' as a sequence classifier "
                             f"({first})") from None
         raise _hub_error(flag, path, e) from None
+    name = spec or path
     missing = sorted(k for k in info["missing_keys"] if HEAD_KEY.search(k))
     if missing:
         raise UserError(
-            f"{flag}: '{path}' has no trained classification head (missing "
+            f"{flag}: '{name}' has no trained classification head (missing "
             f"{', '.join(missing)}); a teacher with a randomly initialised head teaches noise. "
-            f"Fine-tune it first: python launch/finetune.py --task {task.name} --model {path}")
+            f"Fine-tune it first: python launch/finetune.py --task {task.name} --model {name}")
     n = model.config.num_labels
     if n != task.num_labels:
-        raise UserError(f"{flag}: '{path}' has {n} output labels but task {task.name} needs "
+        raise UserError(f"{flag}: '{name}' has {n} output labels but task {task.name} needs "
                         f"{task.num_labels}")
     info_file = Path(path) / INFO_FILE
     if info_file.is_file():
         saved = json.loads(info_file.read_text()).get("task")
         if saved and saved != task.name:
-            raise UserError(f"{flag}: '{path}' was fine-tuned on {saved}, not {task.name}")
+            raise UserError(f"{flag}: '{name}' was fine-tuned on {saved}, not {task.name}")
     return model
 
 

@@ -1,0 +1,436 @@
+"""Fine-tune (or task-distil) one model on one GLUE task: the loop, evaluation, results.json.
+
+One loop serves both launchers; only the loss differs (:class:`FinetuneLoss` / the task
+distillation loss in :mod:`distil_scale.glue.distill`). Under ``torchrun`` the student is wrapped
+in DDP on gloo (CPU) or NCCL (CUDA), the training set is split with a DistributedSampler, each rank
+scores a strided slice of the evaluation set and the predictions are gathered, so every rank sees
+the same metric and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..cli import UserError
+from ..config import dump_yaml
+from . import metrics as M
+from .config import GlueConfig
+from .data import Example, Splits, load_raw, make_splits
+from .tasks import Task
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed context
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: "object" = None
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist() -> Dist:
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return Dist(rank, world, local, device, owns)
+
+
+def teardown_dist(d: Dist) -> None:
+    import torch.distributed as dist
+
+    if d.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def log(d: Dist, msg: str) -> None:
+    if d.main:
+        print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+def encode(tokenizer, examples: list[Example], max_length: int) -> list[dict]:
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "labels": ex.label}
+            for i, ex in enumerate(examples)]
+
+
+def make_collate(pad_id: int, regression: bool):
+    import torch
+
+    def collate(rows: list[dict]) -> dict:
+        n = max(len(r["input_ids"]) for r in rows)  # pad to the batch's longest, not to 128
+        out = {}
+        for k in ("input_ids", "attention_mask", "token_type_ids"):
+            if k in rows[0]:
+                fill = pad_id if k == "input_ids" else 0
+                out[k] = torch.tensor([r[k] + [fill] * (n - len(r[k])) for r in rows])
+        out["labels"] = torch.tensor([r["labels"] for r in rows],
+                                     dtype=torch.float if regression else torch.long)
+        return out
+
+    return collate
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The batch minus what ``model.forward`` does not take (DistilBERT: token_type_ids)."""
+    inner = getattr(model, "module", model)
+    keys = getattr(inner, "_glue_forward_keys", None)
+    if keys is None:
+        keys = set(inspect.signature(inner.forward).parameters)
+        inner._glue_forward_keys = keys
+    return {k: v for k, v in batch.items() if k in keys}
+
+
+def autocast_ctx(device, precision: str):
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        if device.type == "cuda":
+            ok = torch.cuda.is_bf16_supported()
+        else:
+            try:
+                ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            except Exception:
+                ok = False
+        if not ok:
+            return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+
+
+class FinetuneLoss:
+    """Cross-entropy (MSE for STS-B) against the gold labels: the model's own ``loss``."""
+
+    def __call__(self, model, batch: dict):
+        out = model(**model_inputs(model, batch))
+        return out.loss, {"loss/task": out.loss.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def predict(model, rows: list[dict], collate, d: Dist, batch_size: int, precision: str,
+            regression: bool) -> list:
+    """Predictions for every row, in order; each rank scores rows rank, rank+world, ..."""
+    import torch
+    import torch.distributed as dist
+
+    mine = list(range(d.rank, len(rows), d.world))
+    preds = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(mine), batch_size):
+            batch = collate([rows[j] for j in mine[i:i + batch_size]])
+            batch.pop("labels")
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            with autocast_ctx(d.device, precision):
+                logits = model(**model_inputs(model, batch)).logits.float()
+            preds += (logits[:, 0] if regression else logits.argmax(-1)).tolist()
+    model.train()
+    if d.world == 1:
+        return preds
+    gathered = [None] * d.world
+    dist.all_gather_object(gathered, list(zip(mine, preds)))
+    out = [None] * len(rows)
+    for part in gathered:
+        for j, p in part:
+            out[j] = p
+    return out
+
+
+def score(task: Task, split: str, model, rows, collate, d: Dist, cfg: GlueConfig) -> dict:
+    preds = predict(model, rows, collate, d, cfg.train.eval_batch_size, cfg.train.precision,
+                    task.is_regression)
+    return M.compute(M.split_metric_names(task, split), preds, [r["labels"] for r in rows])
+
+
+def fmt_metrics(values: dict, baseline: Optional[dict] = None) -> str:
+    parts = []
+    for k, v in values.items():
+        s = f"{k} {v:.3f}"
+        if baseline and k in baseline:
+            s += f" (majority {baseline[k]:.3f})"
+        parts.append(s)
+    return "  ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# one run
+
+
+@dataclass
+class Prepared:
+    """What a run needs besides the model: the task, splits, tokenizer, output directory."""
+
+    task: Task
+    splits: Splits
+    tokenizer: object
+    model_name: str
+    out_dir: Path
+
+
+def prepare_data(task: Task, cfg: GlueConfig) -> Splits:
+    raw = load_raw(task, cfg.data.data_dir)
+    return make_splits(task, raw, cfg.run.protocol, carve_seed=cfg.data.carve_seed,
+                       max_train_samples=cfg.data.max_train_samples,
+                       max_eval_samples=cfg.data.max_eval_samples,
+                       sample_seed=cfg.data.sample_seed)
+
+
+def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
+              build_model: Callable[[int], tuple], loss_fn, d: Dist,
+              extra: Optional[dict] = None) -> dict:
+    """Train with ``seed``; select the best epoch on the selection split; report; write
+    ``results.json`` (rank 0). ``build_model(seed)`` returns (model, description dict)."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, DistributedSampler
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    task, splits, tc = prep.task, prep.splits, cfg.train
+    t0 = time.time()
+    torch.manual_seed(seed)
+    model, model_info = build_model(seed)
+    model.to(d.device)
+    collate = make_collate(prep.tokenizer.pad_token_id or 0, task.is_regression)
+
+    train_rows = encode(prep.tokenizer, splits.train, cfg.data.max_length)
+    select_rows = encode(prep.tokenizer, splits.select, cfg.data.max_length)
+    report_rows = {k: encode(prep.tokenizer, v, cfg.data.max_length)
+                   for k, v in splits.report.items()}
+    train_labels = [e.label for e in splits.train]
+    base_select = M.majority_baseline(task, train_labels, "dev", [e.label for e in splits.select])
+    baseline = {}
+    for k, v in splits.report.items():
+        baseline.update(M.majority_baseline(task, train_labels, k, [e.label for e in v]))
+
+    if tc.batch_size % d.world:
+        raise UserError(f"train.batch_size: {tc.batch_size} does not split over {d.world} ranks")
+    per_rank = tc.batch_size // d.world
+    sampler = DistributedSampler(train_rows, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                 seed=seed)
+    loader = DataLoader(train_rows, batch_size=per_rank, sampler=sampler, collate_fn=collate)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * tc.epochs
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+         "weight_decay": tc.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+         "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=tc.lr, eps=tc.adam_eps)
+    sched = get_linear_schedule_with_warmup(opt, int(tc.warmup_ratio * total_steps), total_steps)
+    wrapped = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
+        if d.world > 1 else model
+
+    sizes = [f"train {len(train_rows)} (of {splits.train_total})",
+             f"{splits.select_name} {len(select_rows)}"]
+    sizes += [f"{k} {len(v)}" for k, v in report_rows.items() if k != splits.select_name]
+    log(d, f"{task.name}: " + "  ".join(sizes) + f"  | {steps_per_epoch} steps/epoch x {tc.epochs}  batch {tc.batch_size}"
+           + (f" ({d.world} ranks)" if d.world > 1 else "") + f"  seed {seed}")
+    history, best, best_state, step = [], None, None, 0
+    model.train()
+    for epoch in range(1, tc.epochs + 1):
+        sampler.set_epoch(epoch)
+        # summed on the device; .item() only at the log interval (it syncs a GPU)
+        loss_sum, n = torch.zeros((), dtype=torch.float64, device=d.device), 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{tc.epochs}", leave=False, dynamic_ncols=True,
+                   mininterval=2.0, disable=not (d.main and tc.progress_bar), file=sys.stderr)
+        for batch in bar:
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            with autocast_ctx(d.device, tc.precision):
+                loss, _parts = loss_fn(wrapped, batch)
+            loss.backward()
+            if tc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().double()
+            n += 1
+            step += 1
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}")
+        bar.close()
+        train_loss = loss_sum.item() / max(n, 1)
+        if d.world > 1:  # mean over ranks, for the log line only
+            t = torch.tensor([train_loss], dtype=torch.float64, device=d.device)
+            torch.distributed.all_reduce(t)
+            train_loss = t.item() / d.world
+        sel = score(task, "dev", model, select_rows, collate, d, cfg)
+        history.append({"epoch": epoch, "train_loss": train_loss, splits.select_name: sel})
+        log(d, f"epoch {epoch}/{tc.epochs}  train_loss {train_loss:.3f}  {splits.select_name} "
+               f"{fmt_metrics({task.main_metric: sel[task.main_metric]}, base_select)}"
+               + (f"  {fmt_metrics({k: v for k, v in sel.items() if k != task.main_metric})}"
+                  if len(sel) > 1 else "") + f"  [{time.time() - t0:.0f} s]")
+        if best is None or sel[task.main_metric] > best[task.main_metric]:
+            best, best_epoch = sel, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    model.load_state_dict(best_state)
+    results_metrics = {}
+    for name, rows in report_rows.items():
+        results_metrics.update(best if name == splits.select_name
+                               else score(task, name, model, rows, collate, d, cfg))
+    wall = time.time() - t0
+    result = {
+        "task": task.name,
+        "protocol": cfg.run.protocol,
+        "metrics": results_metrics,
+        "main_metric": task.main_metric,
+        "majority_baseline": baseline,
+        "seed": seed,
+        "model": prep.model_name,
+        "steps": step,
+        "wall_s": round(wall, 2),
+        "best_epoch": best_epoch,
+        "epochs": history,
+        "select_split": splits.select_name,
+        "report_splits": {k: len(v) for k, v in report_rows.items()},
+        "train_examples": len(train_rows),
+        "train_total": splits.train_total,
+        "world_size": d.world,
+        "data": cfg.data.data_dir or "hub:nyu-mll/glue",
+        "model_info": model_info,
+        "host": {"python": platform.python_version(), "torch": torch.__version__,
+                 "device": str(d.device), "cpu_count": os.cpu_count()},
+        **(extra or {}),
+    }
+    log(d, f"{task.name} {cfg.run.protocol} seed {seed}: "
+           f"{fmt_metrics(results_metrics, baseline)}  best epoch {best_epoch}  "
+           f"{step} steps  {wall:.1f} s")
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.run.save_model:
+            mdir = out_dir / "model"
+            model.save_pretrained(mdir)
+            prep.tokenizer.save_pretrained(mdir)
+            (mdir / "glue_task.json").write_text(json.dumps(
+                {"task": task.name, "num_labels": task.num_labels, "metrics": results_metrics,
+                 "source_model": prep.model_name}, indent=2))
+        write_json(out_dir / "results.json", result)
+    if d.world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d: Dist,
+              extra: Optional[dict] = None) -> dict:
+    """One run, or ``run.seeds`` runs (seed, seed+1, ...) summarised by the median."""
+    if d.main:
+        prep.out_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, prep.out_dir / "config.yaml")
+    if cfg.run.seeds == 1:
+        return train_one(prep, cfg, cfg.run.seed, prep.out_dir, build_model, loss_fn, d, extra)
+    runs = []
+    t0 = time.time()
+    for i in range(cfg.run.seeds):
+        s = cfg.run.seed + i
+        runs.append(train_one(prep, cfg, s, prep.out_dir / f"seed_{s}", build_model, loss_fn, d,
+                              extra))
+    median = {k: statistics.median(r["metrics"][k] for r in runs) for k in runs[0]["metrics"]}
+    summary = {
+        "task": prep.task.name,
+        "protocol": cfg.run.protocol,
+        "metrics": median,
+        "main_metric": prep.task.main_metric,
+        "majority_baseline": runs[0]["majority_baseline"],
+        "seed": [r["seed"] for r in runs],
+        "model": prep.model_name,
+        "steps": runs[0]["steps"],
+        "wall_s": round(time.time() - t0, 2),
+        "seeds": [{"seed": r["seed"], "metrics": r["metrics"], "best_epoch": r["best_epoch"],
+                   "steps": r["steps"], "wall_s": r["wall_s"]} for r in runs],
+        "median": median,
+        "world_size": d.world,
+        "data": runs[0]["data"],
+        **(extra or {}),
+    }
+    log(d, f"{prep.task.name} median of {len(runs)} seeds: "
+           f"{fmt_metrics(median, summary['majority_baseline'])}")
+    if d.main:
+        write_json(prep.out_dir / "results.json", summary)
+    return summary
+
+
+def default_out_dir(task: Task, model_spec: str, suffix: str = "") -> Path:
+    name = Path(model_spec.rstrip("/")).name or "model"
+    name = name.replace(":", "_")
+    return Path("runs") / "glue" / task.name / f"{name}{suffix}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the fine-tune entry point
+
+
+def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
+    from .modeling import load_for_finetune, load_tokenizer, resolve_model
+
+    splits = prepare_data(task, cfg)          # bad data is refused before any model loads
+    path = resolve_model(model_spec)
+    d = setup_dist()
+    try:
+        tokenizer = load_tokenizer(path)
+        out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
+            default_out_dir(task, model_spec)
+        prep = Prepared(task, splits, tokenizer, model_spec, out_dir)
+
+        def build(seed: int):
+            model, new = load_for_finetune(path, task)
+            if new:
+                log(d, f"{model_spec}: newly initialised head weights: {', '.join(new)}")
+            return model, {"class": type(model).__name__, "new_weights": new,
+                           "params": sum(p.numel() for p in model.parameters())}
+
+        return run_seeds(prep, cfg, build, FinetuneLoss(), d, {"mode": "finetune"})
+    finally:
+        teardown_dist(d)

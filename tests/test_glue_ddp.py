@@ -1,0 +1,49 @@
+"""Fine-tuning under torchrun: 2 real processes on gloo (CPU), DDP, one results.json."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distil_scale.glue.testing import make_tiny_model, write_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_two_ranks(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    model = make_tiny_model(tmp_path / "tiny")
+    data = write_fixture(tmp_path / "glue", "mrpc", n_train=48, n_dev=13)
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "launch" / "finetune.py"),
+           "--task", "mrpc", "--model", str(model), "--data-dir", str(data), "--output-dir", str(out),
+           "train.epochs=2", "train.batch_size=8", "train.lr=1e-3", "data.max_length=32",
+           "train.progress_bar=false"]
+    # own process group: a hung run is killed with its workers, not left behind
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("torchrun timed out:\n" + stdout[-2000:] + stderr[-2000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["world_size"] == 2 and r["task"] == "mrpc"
+    # 48 examples, global batch 8 = 4 per rank -> 6 steps per epoch on each rank
+    assert r["steps"] == 12
+    # every one of the 13 dev examples was scored once (gathered from both ranks)
+    assert r["report_splits"] == {"dev": 13}
+    assert set(r["metrics"]) == {"f1", "accuracy"}
+    assert abs(r["metrics"]["accuracy"] * 13 - round(r["metrics"]["accuracy"] * 13)) < 1e-6
+    # rank 0 alone logs the epoch lines and writes
+    assert stdout.count("epoch 2/2") == 1
+    assert sorted(x.name for x in out.iterdir()) == ["config.yaml", "model", "results.json"]
