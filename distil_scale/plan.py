@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.micro_batch=32")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may sit between the overrides
     if args.gpus < 1 or args.nodes < 1:
         raise ConfigError("--gpus and --nodes must be >= 1")
     config = args.config or PAPER

