@@ -96,7 +96,8 @@ def load_teacher(cfg, tokenizer, device: torch.device, autocast, eval_ids: torch
         pdir = Path(tc.prepared_dir) if tc.prepared_dir else default_cache_dir() / "teachers" / key
         if not (pdir / "PREPARED.json").is_file() and is_main:
             say(f"teacher: '{path}' has no MLM head; preparing it for {tc.prepare_steps} steps "
-                f"(head + top {tc.prepare_unfreeze_layers} layers) -> {pdir}")
+                f"(head + top {min(tc.prepare_unfreeze_layers, model.config.num_hidden_layers)} "
+                f"layers) -> {pdir}")
             prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, pdir, say)
         barrier()
         meta = json.loads((pdir / "PREPARED.json").read_text())
@@ -125,8 +126,8 @@ def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, out_dir: Pat
         head.bias.copy_(torch.log(p / p.sum()))
     freeze(model)
     n_layers = model.config.num_hidden_layers
-    body = [p for layer in model.bert.encoder.layer[n_layers - tc.prepare_unfreeze_layers:]
-            for p in layer.parameters()] if tc.prepare_unfreeze_layers > 0 else []
+    top = model.bert.encoder.layer[max(0, n_layers - tc.prepare_unfreeze_layers):]
+    body = [p for layer in top for p in layer.parameters()] if tc.prepare_unfreeze_layers else []
     if tc.prepare_unfreeze_embeddings:
         body += list(model.bert.embeddings.parameters())
     head_params = list(head.transform.parameters()) + [head.bias]
