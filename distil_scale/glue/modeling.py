@@ -87,20 +87,26 @@ def _label_kwargs(task: Task) -> dict:
     return kw
 
 
-def load_for_finetune(path: str, task: Task, flag: str = "--model"):
-    """A classifier for ``task``; returns (model, names of newly initialised head weights)."""
+def _load_classifier(path: str, flag: str, **kwargs):
+    """(model, loading info) of AutoModelForSequenceClassification, or a one-line UserError."""
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, output_loading_info=True, ignore_mismatched_sizes=True, **_label_kwargs(task))
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         if Path(path).is_dir():
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"{flag}: cannot load '{path}' as a sequence classifier "
                             f"({first})") from None
         raise _hub_error(flag, path, e) from None
+
+
+def load_for_finetune(path: str, task: Task, flag: str = "--model"):
+    """A classifier for ``task``; returns (model, names of newly initialised head weights)."""
+    model, info = _load_classifier(path, flag, ignore_mismatched_sizes=True,
+                                   **_label_kwargs(task))
     mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
     new = sorted(set(info["missing_keys"]) | mismatched)
     return model, new
@@ -113,18 +119,7 @@ def load_teacher(path: str, task: Task, flag: str = "--teacher", spec: Optional[
     random: distilling from it teaches noise, the reimplementation report's mistake), one whose
     number of labels differs from the task's, and one fine-tuned for another task.
     """
-    from transformers import AutoModelForSequenceClassification
-
-    _quiet_transformers()
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, output_loading_info=True)
-    except (OSError, ValueError, KeyError) as e:
-        if Path(path).is_dir():
-            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"{flag}: cannot load '{path}' as a sequence classifier "
-                            f"({first})") from None
-        raise _hub_error(flag, path, e) from None
+    model, info = _load_classifier(path, flag)
     name = spec or path
     missing = sorted(k for k in info["missing_keys"] if HEAD_KEY.search(k))
     if missing:
