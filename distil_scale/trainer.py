@@ -237,7 +237,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     loader = BatchLoader(stream, cfg.data.prefetch)
 
     def stream_epoch() -> int:
-        return loader.state_dict()["epoch"]
+        return loader.snapshot()["epoch"]  # no deep copy of the buffers on the log path
 
     engine = cls(student, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                  adam_eps=cfg.train.adam_eps, warmup_steps=cfg.train.warmup_steps,

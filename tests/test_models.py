@@ -85,7 +85,6 @@ def test_wrappers_compute_logits_only_at_positions_and_teacher_is_frozen():
     pos[0, 3] = pos[1, 7] = True
     h, logits = sw(ids, torch.ones_like(ids), pos)
     assert h.shape == (2, 10, 32) and logits.shape == (2, 120)
-    full = student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     student.eval()
     with torch.no_grad():
         full = student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
