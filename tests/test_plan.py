@@ -50,9 +50,23 @@ def test_rtx4070_fits_12_gib_with_the_paper_student(capsys):
 def test_v100x8_fits_16_gib_with_the_paper_batch():
     p = plan_for(V100, gpus=8, gib=16)
     assert "fp16" in p.header[3] and "accumulation 32 x 8 GPU(s) = global 4096" in p.header[3]
-    # ZeRO-2 without offload: optimizer states (16 B/param in mixed precision) split 8 ways
-    assert row(p, "optimizer states").nbytes == pytest.approx(16 * DISTILBERT_BASE_MLM_PARAMS / 8)
+    # ZeRO-2 without offload: fp32 master + Adam moments (12 B/param) split 8 ways; the fp32
+    # gradients are the fp32 accumulation partition (data_types.grad_accum_dtype), also split
+    assert row(p, "optimizer states").nbytes == pytest.approx(12 * DISTILBERT_BASE_MLM_PARAMS / 8)
+    grads = row(p, "student gradients (accumulated in fp32)")
+    assert grads.nbytes == pytest.approx(4 * DISTILBERT_BASE_MLM_PARAMS / 8 + 5e7 * 2)
     assert p.fits
+
+
+def test_accumulation_dtype_comes_from_the_json(tmp_path):
+    ds = json.loads(open(V100).read())
+    ds.pop("data_types")  # DeepSpeed's default: accumulate in the model's dtype (fp16)
+    path = tmp_path / "v100_fp16_accum.json"
+    path.write_text(json.dumps(ds))
+    p = plan_for(str(path), gpus=8, gib=16)
+    assert row(p, "student gradients (accumulated in fp16)").nbytes == pytest.approx(
+        2 * DISTILBERT_BASE_MLM_PARAMS / 8 + 5e7 * 2)
+    assert row(p, "optimizer states").nbytes == pytest.approx(16 * DISTILBERT_BASE_MLM_PARAMS / 8)
 
 
 def test_does_not_fit_is_the_last_line_and_exit_code_1(capsys):
