@@ -37,7 +37,8 @@ from .data.masking import MaskedBatch
 from .data.sources import is_heldout, iter_texts, open_from_config
 from .engine.base import Engine, param_groups, resolve_precision
 from .losses import LossWeights, distillation_loss
-from .metrics import encoder_flops_per_token, head_flops_per_position, measure_matmul_peak
+from .metrics import (encoder_flops_per_token, head_flops_per_position, matmul_peak_size,
+                      measure_matmul_peak)
 from .models import (StudentForDistillation, TeacherForDistillation, build_student,
                      load_bert_mlm, load_tokenizer, resolve_model_path)
 from .teacher import make_masker
@@ -605,7 +606,7 @@ def bench_one_seq(args, tokenizer, seq: int, say) -> dict:
     base_teacher = build_teacher(setup)
     runners = [Runner(setup, v, base_teacher, warmup + steps) for v in vs]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    pk_n, pk_s = (2048, 1.0) if device.type == "cpu" else (8192, 1.0)
+    pk_n, pk_s = matmul_peak_size(device), 1.0
     need = sorted({r.precision for r in runners})
     peaks = {p: measure_matmul_peak(device, dtypes[p], pk_n, pk_s) for p in need}
     t1 = time.perf_counter()

@@ -15,21 +15,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+
+from .cli import UserError
+from .distributed import barrier, every_rank, from_rank0, rank
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class CheckpointManager:
@@ -78,14 +71,30 @@ class CheckpointManager:
         for d in done[max(self.keep_last, 1):]:
             shutil.rmtree(d, ignore_errors=True)
 
-    def load_latest(self, load: Callable[[Path], object]):
-        """Load the newest complete checkpoint that loads; returns (path, result) or None."""
-        for d in self.complete():
+    def load_latest(self, load: Callable[[Path], object], *, world: int):
+        """Load the newest complete checkpoint that every rank loads; (path, result) or None.
+
+        All ranks walk rank 0's list together and move on together, so they never resume from
+        different steps. A checkpoint written by another number of processes is refused: each
+        rank's data position (stream, shuffle buffer) is its own and cannot be re-dealt.
+        """
+        for d in map(Path, from_rank0([str(d) for d in self.complete()])):
+            saved = json.loads((d / MARKER).read_text()).get("world_size", world)
+            if saved != world:
+                raise UserError(f"--resume: {d} was written by {saved} processes and this run "
+                                f"has {world}; resume with {saved} processes (each rank's data "
+                                "position is its own), or start a new run.output_dir")
             try:
-                return d, load(d)
+                result, ok = load(d), True
             except Exception as e:  # a corrupt file shows up as many error types
+                result, ok = None, False
                 log.warning("checkpoint %s failed to load (%s: %s); trying the previous one",
                             d, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            if every_rank(ok):
+                return d, result
+            if ok:
+                log.warning("checkpoint %s failed to load on another rank; trying the previous "
+                            "one", d)
         return None
 
 

@@ -63,6 +63,9 @@ class StudentConfig:
     dim: int = 0
     dropout: float = 0.1
     attention_dropout: float = 0.1
+    # keep the teacher's position embeddings fixed (the release's --freeze_pos_embs, used in
+    # its documented command; configs/paper.yaml turns it on)
+    freeze_position_embeddings: bool = False
 
 
 @dataclass
@@ -107,9 +110,10 @@ class LossConfig:
     alpha_cos: float = 1.0
     alpha_mse: float = 0.0
     temperature: float = 2.0
-    # "masked": KL only where the MLM loss reads (the DistilBERT release's default);
-    # "all": KL over every non-padding token (costs full-vocabulary logits)
-    kl_positions: Literal["masked", "all"] = "masked"
+    # "all": KL over every non-padding token, as the DistilBERT release trains (its
+    # --restrict_ce_to_mask is off by default); "masked": KL only where the MLM loss reads,
+    # which computes vocabulary logits at ~15 % of the positions
+    kl_positions: Literal["masked", "all"] = "all"
 
 
 @dataclass
@@ -148,7 +152,9 @@ class CheckpointConfig:
 class MetricsConfig:
     tensorboard: bool = True
     progress_bar: bool = True
-    # matmul peak for MFU in TFLOP/s; 0 measures it at start on the device and dtype in use
+    # matmul peak for MFU in TFLOP/s (a datasheet figure, e.g. 989 for an H100 SXM in bf16);
+    # 0 measures it at start on the device and dtype in use, with matmuls large enough to
+    # saturate it; the log says which
     peak_tflops: float = 0.0
 
 

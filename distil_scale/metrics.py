@@ -91,11 +91,19 @@ def distill_flops_per_token(tconf, sconf, seq_len: int, head_fraction: float) ->
     return t + 3.0 * s
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024,
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None,
                         seconds: float = 0.5) -> float:
-    """Achieved matmul FLOP/s on this device and dtype: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    """Achieved matmul FLOP/s on this device and dtype: the denominator of MFU.
+
+    The operands come from a private generator: a run resumed from a checkpoint must not have
+    drawn from the global generators before its first step. On a GPU the matmul is 8192^3: a
+    1024^3 one is launch-bound on an H100 and would understate the peak (inflating MFU); on a
+    CPU 2048^3 reaches the BLAS peak.
+    """
+    n = n or matmul_peak_size(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(2):
         a @ b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -106,3 +114,18 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024,
         iters += 1
     sync()
     return 2.0 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def matmul_peak_size(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 2048
+
+
+def mfu_peak(peak_tflops: float, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(FLOP/s, how it was obtained) for MFU: the configured figure, else a measurement."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, f"{peak_tflops:g} TFLOP/s from metrics.peak_tflops"
+    flops = measure_matmul_peak(device, dtype)
+    n = matmul_peak_size(device)
+    name = str(dtype).removeprefix("torch.")
+    return flops, (f"{flops / 1e12:.3g} TFLOP/s measured ({name} {n}x{n} matmul on {device}; "
+                   "set metrics.peak_tflops to use a datasheet figure)")

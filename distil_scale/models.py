@@ -172,6 +172,10 @@ def build_student(teacher, cfg_student, attn_implementation: str = "eager",
     student = DistilBertForMaskedLM(sconf)
     if cfg_student.init == "teacher":
         init_student_from_teacher(student, teacher, layers)
+    if cfg_student.freeze_position_embeddings:
+        # the release's --freeze_pos_embs: no engine puts a parameter without grad in its
+        # optimizer, so the copied teacher positions stay as they are
+        student.distilbert.embeddings.position_embeddings.weight.requires_grad_(False)
     return student, layers
 
 

@@ -6,6 +6,7 @@ on the training stream (head, plus its top encoder layers where that pays), save
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cli import UserError
-from .data.loader import PretrainStream, scan_token_counts
+from .data.loader import PretrainStream
 from .data.masking import DynamicMasker
 from .models import freeze, load_bert_mlm, resolve_model_path
 
@@ -36,6 +37,12 @@ def make_masker(tokenizer, mcfg, *, seed: int, counts=None) -> DynamicMasker:
         len(tokenizer), tokenizer.all_special_ids, tokenizer.mask_token_id,
         mlm_prob=mcfg.mlm_prob, mask_frac=mcfg.mask_frac, random_frac=mcfg.random_frac,
         keep_frac=mcfg.keep_frac, token_counts=counts, smoothing=mcfg.smoothing, seed=seed)
+
+
+def make_eval_masker(tokenizer, mcfg) -> DynamicMasker:
+    """Held-out masks: a fixed seed and no frequency smoothing, so every evaluation scores the
+    same positions and every token type counts as it occurs in text."""
+    return make_masker(tokenizer, dataclasses.replace(mcfg, smoothing=0.0), seed=12345)
 
 
 def fixed_eval_batches(eval_ids: torch.Tensor, masker: DynamicMasker, batch: int):
@@ -75,8 +82,11 @@ def check_tokenizer(tokenizer, model, path: str) -> None:
 
 
 def load_teacher(cfg, tokenizer, device: torch.device, autocast, eval_ids: torch.Tensor,
-                 *, is_main: bool = True, barrier=lambda: None, say=print):
-    """The frozen teacher (BertForMaskedLM) and a dict describing where it came from."""
+                 token_counts, *, is_main: bool = True, barrier=lambda: None, say=print):
+    """The frozen teacher (BertForMaskedLM) and a dict describing where it came from.
+
+    ``token_counts()`` returns the training text's token frequencies (read once, shared with
+    the trainer's smoothed masking)."""
     path = resolve_model_path(cfg.teacher.name_or_path)
     attn = "eager" if device.type == "cpu" else "sdpa"
     model, head_missing = load_bert_mlm(path, attn)
@@ -92,13 +102,18 @@ def load_teacher(cfg, tokenizer, device: torch.device, autocast, eval_ids: torch
                                        tc.prepare_unfreeze_embeddings,
                                        tc.prepare_lr, tc.prepare_head_lr, tc.prepare_batch,
                                        cfg.data.source, cfg.data.max_seq_len, cfg.run.seed,
-                                       cfg.data.heldout_fraction]).encode()).hexdigest()[:12]
+                                       cfg.data.heldout_fraction,
+                                       # smoothed masking prepares another head; the list
+                                       # only grows when it is on, so older keys stay valid
+                                       *([cfg.masking.smoothing] if cfg.masking.smoothing
+                                         else [])]).encode()).hexdigest()[:12]
         pdir = Path(tc.prepared_dir) if tc.prepared_dir else default_cache_dir() / "teachers" / key
         if not (pdir / "PREPARED.json").is_file() and is_main:
             say(f"teacher: '{path}' has no MLM head; preparing it for {tc.prepare_steps} steps "
                 f"(head + top {min(tc.prepare_unfreeze_layers, model.config.num_hidden_layers)} "
                 f"layers) -> {pdir}")
-            prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, pdir, say)
+            prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, token_counts(), pdir,
+                         say)
         barrier()
         meta = json.loads((pdir / "PREPARED.json").read_text())
         from transformers import BertForMaskedLM
@@ -110,10 +125,10 @@ def load_teacher(cfg, tokenizer, device: torch.device, autocast, eval_ids: torch
     return freeze(model), info
 
 
-def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, out_dir: Path, say) -> None:
+def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, counts: torch.Tensor,
+                 out_dir: Path, say) -> None:
     tc = cfg.teacher
     t0 = time.time()
-    counts = scan_token_counts(cfg.data, tokenizer, cfg.masking.count_docs, seed=cfg.run.seed)
     head = model.cls.predictions
     with torch.no_grad():
         # Identity transform + unigram bias: the head starts as "nearest embedding, weighted by
@@ -140,9 +155,9 @@ def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, out_dir: Pat
 
     sched = get_linear_schedule_with_warmup(opt, max(1, tc.prepare_steps // 10), tc.prepare_steps)
     stream = PretrainStream(cfg.data, tokenizer, tc.prepare_batch, seed=cfg.run.seed + 101)
-    masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed + 101)
-    eval_masker = make_masker(tokenizer, cfg.masking, seed=12345)
-    batches = fixed_eval_batches(eval_ids, eval_masker, tc.prepare_batch)
+    masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed + 101, counts=counts)
+    batches = fixed_eval_batches(eval_ids, make_eval_masker(tokenizer, cfg.masking),
+                                 tc.prepare_batch)
 
     def fwd(ids, mask, pos):
         return _head_logits(model, ids, mask, pos)

@@ -4,8 +4,8 @@ source -> pack -> mask -> engine.module (student) + frozen teacher -> triple los
 """
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import os
 import random
 import shutil
@@ -18,17 +18,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointManager, barrier, load_torch, save_torch
+from . import distributed
+from .checkpoint import CheckpointManager, load_torch, save_torch
 from .cli import UserError
 from .config import Config, ConfigError, dump_yaml
-from .data.loader import BatchLoader, PretrainStream, StreamError, build_eval_set
+from .data.loader import (BatchLoader, PretrainStream, StreamError, build_eval_set,
+                          scan_token_counts)
+from .distributed import barrier
 from .engine import engine_class
 from .losses import LossWeights, distillation_loss
-from .metrics import (MetricsLogger, console_line, distill_flops_per_token, measure_matmul_peak,
+from .metrics import (MetricsLogger, console_line, distill_flops_per_token, mfu_peak,
                       peak_memory_gib)
 from .models import (StudentForDistillation, TeacherForDistillation, build_student,
                      load_tokenizer, resolve_model_path)
-from .teacher import fixed_eval_batches, load_teacher, make_masker, mlm_eval
+from .teacher import fixed_eval_batches, load_teacher, make_eval_masker, make_masker, mlm_eval
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +155,6 @@ class _Preemption:
         for sig, h in self._old.items():
             signal.signal(sig, h)
 
-    def any_rank(self, device) -> bool:
-        if not dist.is_initialized():
-            return self.flag
-        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume from step N, lines past N from the killed run would be duplicates."""
@@ -174,6 +170,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
           ds_config: dict | None = None, resume_command: str = "") -> dict:
     rank, world, local_rank = setup_distributed(cfg.parallel.backend)
+    distributed.init_control_group()
     is_main = rank == 0
     say = (lambda s: print(s, flush=True)) if is_main else (lambda s: None)
     t_start = time.time()
@@ -204,8 +201,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     amp = torch.bfloat16 if precision == "bf16" else torch.float16
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if precision != "fp32" else (
         lambda: torch.autocast(device.type, enabled=False))
+    # token frequencies are read once, for whoever needs them first (a headless teacher's
+    # unigram prior, frequency-smoothed masking)
+    token_counts = functools.cache(lambda: scan_token_counts(
+        cfg.data, tokenizer, cfg.masking.count_docs, seed=cfg.run.seed))
     teacher_mlm, teacher_info = load_teacher(cfg, tokenizer, device, autocast, eval_ids,
-                                             is_main=is_main, barrier=barrier, say=say)
+                                             token_counts, is_main=is_main, barrier=barrier,
+                                             say=say)
     attn = cfg.train.attn_implementation
     if attn == "auto":
         attn = "eager" if device.type == "cpu" else "sdpa"
@@ -223,15 +225,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     teacher = TeacherForDistillation(teacher_mlm).to(device=device, dtype=teacher_dtype)
     student = StudentForDistillation(student_mlm)
 
-    counts = None
-    if cfg.masking.smoothing > 0:
-        from .data.loader import scan_token_counts
-
-        counts = scan_token_counts(cfg.data, tokenizer, cfg.masking.count_docs,
-                                   seed=cfg.run.seed)
-    masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed, counts=counts)
-    eval_batches = fixed_eval_batches(eval_ids, make_masker(tokenizer, cfg.masking, seed=12345),
-                                      micro)
+    masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed,
+                         counts=token_counts() if cfg.masking.smoothing > 0 else None)
+    eval_batches = fixed_eval_batches(eval_ids, make_eval_masker(tokenizer, cfg.masking), micro)
     stream = PretrainStream(cfg.data, tokenizer, micro, seed=cfg.run.seed, rank=rank,
                             world=world)
     loader = BatchLoader(stream, cfg.data.prefetch)
@@ -244,7 +240,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                  total_steps=cfg.train.max_steps, max_grad_norm=cfg.train.max_grad_norm,
                  precision=precision, accum_steps=accum, device=device,
                  compile=cfg.train.compile, **({"ds_config": ds_config} if ds_config else {}))
-    seed_all(cfg.run.seed + 1000 * rank)  # dropout differs per rank, as in data parallelism
 
     # -- resume -------------------------------------------------------------------------------
     prepare_output_dir(out, resume, overwrite, is_main)
@@ -252,12 +247,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     ckpts = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
     start_step = 0
     counters = {"skipped_total": 0, "nonfinite_run": 0, "sequences": 0, "acc_start": None}
+    rng_at_start = None
     if resume:
         def _load(d: Path):
             engine.load(d)
             return load_torch(d / f"trainer_rank{rank}.pt")
 
-        found = ckpts.load_latest(_load)
+        found = ckpts.load_latest(_load, world=world)
         if found is None:
             say(f"resume: no complete checkpoint in {ckpts.root}; starting from step 0")
         else:
@@ -265,7 +261,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             start_step = st["step"]
             loader.load_state_dict(st["data"])
             masker.load_state_dict(st["masker"])
-            set_rng_state(st["rng"])
+            rng_at_start = st["rng"]  # restored just before the first step
             counters.update(st["counters"])
             say(f"resume: {d} (step {start_step})")
             if is_main:
@@ -281,8 +277,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     head_frac = 1.0 if kl_all else cfg.masking.mlm_prob
     flops_tok = distill_flops_per_token(teacher_mlm.config, student_mlm.config, seq_len,
                                         head_frac)
-    peak = cfg.metrics.peak_tflops * 1e12 or measure_matmul_peak(
-        device, amp if precision != "fp32" else torch.float32)
+    peak, peak_how = mfu_peak(cfg.metrics.peak_tflops, device,
+                              amp if precision != "fp32" else torch.float32)
 
     def student_logits(ids, mask, pos):
         return engine.module(ids, mask, pos)[1]
@@ -315,6 +311,14 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     say(f"batch: global {glob} = micro {micro} x accumulation {accum} x {world} processes, "
         f"seq {seq_len}; {cfg.train.max_steps} steps; eval on {len(eval_ids)} held-out "
         "sequences")
+    say(f"objective: {weights.alpha_ce:g} x KL(T={weights.temperature:g}) over "
+        f"{'every token' if kl_all else 'masked tokens'} + {weights.alpha_mlm:g} x MLM + "
+        f"{weights.alpha_cos:g} x cosine"
+        + (f" + {weights.alpha_mse:g} x logit MSE" if weights.alpha_mse else "")
+        + f"; masking {cfg.masking.mlm_prob:g}"
+        + (f", smoothing {cfg.masking.smoothing:g}" if cfg.masking.smoothing else "")
+        + ("; position embeddings frozen" if cfg.student.freeze_position_embeddings else ""))
+    say(f"mfu peak: {peak_how}")
     say(f"writing: {out / 'config.yaml'}, {out / 'metrics.jsonl'}, {out / 'tb'}, "
         f"{out / 'checkpoints'}, {out / 'student'}")
 
@@ -343,21 +347,33 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     last_eval = None
     step = start_step
     engine.module.train()
+    # Nothing may draw from the global generators between here and the first step: a resumed
+    # run must see the dropout masks the uninterrupted run saw.
+    if rng_at_start is not None:
+        set_rng_state(rng_at_start)
+    else:
+        seed_all(cfg.run.seed + 1000 * rank)  # dropout differs per rank, as in data parallelism
     try:
         with _Preemption() as pre:
             while step < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 wait = 0.0
                 step_start_data = loader.snapshot()
+                step_loss = 0.0
                 for micro_i in range(accum):
                     tw = time.perf_counter()
+                    failure = ""
                     try:
                         ids = next(loader)
                     except StreamError as e:
-                        # the micro-batches of this unfinished step are read again on resume
+                        failure = str(e)
+                    # every rank learns of a dead stream before the next collective, and all of
+                    # them checkpoint the start of this step (its micro-batches are read again)
+                    if distributed.any_rank(bool(failure)):
                         save_checkpoint(step, step_start_data)
-                        raise TrainingError(f"{e}; checkpoint saved at step {step}, resume with "
-                                            f"{resume_command or '--resume'}") from None
+                        raise TrainingError(
+                            f"{failure or 'the data source failed on another rank'}; checkpoint "
+                            f"saved at step {step}, resume with {resume_command or '--resume'}")
                     wait += time.perf_counter() - tw
                     mb = masker(ids, torch.ones_like(ids), step)
                     with engine.accumulate(last=micro_i == accum - 1):
@@ -367,7 +383,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                         engine.backward(loss)
                     for k, v in raw.items():
                         acc_terms[k] = acc_terms.get(k, 0.0) + v.detach() / accum
-                    acc_terms["total"] = acc_terms.get("total", 0.0) + loss.detach() / accum
+                    step_loss = step_loss + loss.detach() / accum
+                acc_terms["total"] = acc_terms.get("total", 0.0) + step_loss
                 result = engine.step()
                 step += 1
                 counters["sequences"] += glob
@@ -376,14 +393,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                 window_steps += 1
                 if result.skipped:
                     counters["skipped_total"] += 1
-                    counters["nonfinite_run"] += 1
-                    if counters["nonfinite_run"] >= cfg.train.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"{counters['nonfinite_run']} non-finite steps in a row at step "
-                            f"{step}; lower train.lr or check the data; last good checkpoint "
-                            f"in {ckpts.root}")
+                    # an fp16 loss-scale backoff on a finite loss is the scaler calibrating
+                    if result.diverged(loss_finite=bool(torch.isfinite(step_loss))):
+                        counters["nonfinite_run"] += 1
                 else:
                     counters["nonfinite_run"] = 0
+                if counters["nonfinite_run"] >= cfg.train.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{counters['nonfinite_run']} non-finite steps in a row at step "
+                        f"{step}; lower train.lr or check the data; last good checkpoint "
+                        f"in {ckpts.root}")
                 bar.update(1)
 
                 if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
@@ -410,7 +429,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                     last_eval = evaluate(step)
                 if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
                     save_checkpoint(step)
-                if pre.any_rank(device) and step < cfg.train.max_steps:
+                if distributed.any_rank(pre.flag) and step < cfg.train.max_steps:
                     if step % cfg.checkpoint.every_steps:
                         save_checkpoint(step)
                     say(f"preempted: checkpoint saved at step {step}; resume with "

@@ -78,7 +78,7 @@ def tiny_overrides(teacher: Path, corpus: Path, out: Path, **extra) -> list[str]
             "data.eval_sequences": 8, "data.heldout_fraction": 0.1, "data.shuffle_buffer": 8,
             "train.micro_batch": 4, "train.global_batch": 8, "train.max_steps": 6,
             "train.log_every": 2, "train.eval_every": 3, "checkpoint.every_steps": 3,
-            "train.warmup_steps": 1, "train.precision": "fp32", "metrics.peak_tflops": 1.0,
+            "train.warmup_steps": 1, "train.precision": "fp32",
             "metrics.progress_bar": False}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

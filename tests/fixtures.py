@@ -10,15 +10,18 @@ Small API on purpose, shared by test files:
     launch_cmd(launcher, nproc, args) -> argv             python | torchrun | deepspeed
     run(argv) -> output                                   asserts exit code 0
     read_metrics(run_dir) -> {step: {name: value}}
+    start(argv, log) -> Popen; wait_for(path, proc); kill_all_of(out)   SIGKILL a whole job
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,3 +154,35 @@ def run(cmd: list[str], timeout: int = 600) -> str:
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-6000:]}"
     return out
+
+
+def start(cmd: list[str], log_path) -> subprocess.Popen:
+    """A job in a session of its own, output to a file (a full pipe would stall it)."""
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for(path, proc, timeout: int = 300) -> None:
+    t0 = time.time()
+    while not Path(path).exists():
+        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before {path}"
+        assert time.time() - t0 < timeout, f"no {path} after {timeout}s"
+        time.sleep(0.01)
+
+
+def kill_all_of(out) -> None:
+    """SIGKILL every process whose command line names ``out``: the launcher and all its ranks
+    at once, as a preempted node would (torchrun's workers may sit in groups of their own)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if str(out) in cmd:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -5,8 +5,10 @@ offloaded to CPU (the shipped rtx4070.json, so DeepSpeedCPUAdam is built and use
 Each case trains a tiny student for 6 steps with 2 micro-batches of accumulation per rank, and
 checks that: the loss falls; complete step-3 and step-6 checkpoints hold the backend's own
 files; the HF export loads as a DistilBertForMaskedLM with its tied weights and equals the fp32
-weights rebuilt from the step-6 checkpoint; and a run resumed from step 3 (step 6 deleted)
-replays steps 4-6 with the same losses.
+weights rebuilt from the step-6 checkpoint. Then DDP, FSDP2 and ZeRO-2 with offload are
+SIGKILLed (launcher and ranks) after their step-3 checkpoint and resumed: steps 4-6 must equal
+the uninterrupted run to 1e-6, with dropout on and the MFU peak measured at start; the other
+two replay steps 4-6 from step 3 with step 6 deleted.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import REPO, launch_cmd, make_tiny_teacher, read_metrics, run, write_corpus
+from fixtures import (REPO, kill_all_of, launch_cmd, make_tiny_teacher, read_metrics, run, start,
+                      wait_for, write_corpus)
 
 DS_CPU = REPO / "ds_configs" / "cpu.json"
 DS_RTX = REPO / "ds_configs" / "rtx4070.json"
@@ -41,8 +44,7 @@ def tiny_args(assets, out: Path, precision: str) -> list[str]:
             "student.n_layers=2", f"train.precision={precision}", "train.max_steps=6",
             "train.global_batch=8", "train.micro_batch=2", "train.lr=3e-3",
             "train.warmup_steps=1", "train.log_every=1", "train.eval_every=100",
-            "checkpoint.every_steps=3", "checkpoint.keep_last=2", "metrics.progress_bar=false",
-            "metrics.peak_tflops=1"]
+            "checkpoint.every_steps=3", "checkpoint.keep_last=2", "metrics.progress_bar=false"]
 
 
 # name: (launcher, backend arguments, precision, files every step-N checkpoint must hold)
@@ -57,6 +59,9 @@ CASES = {
     "zero3": ("deepspeed", ["--ds", "ZERO3"], "fp32",
               ["ds/zero_pp_rank_0_mp_rank_00_model_states.pt", "latest"]),
 }
+
+
+SIGKILL_CASES = ("ddp", "fsdp", "zero2_offload")
 
 
 def checkpoint_weights(name: str, ckpt: Path) -> dict[str, torch.Tensor]:
@@ -112,6 +117,25 @@ def test_two_ranks_train_checkpoint_export_resume(name, assets, tmp_path):
     with torch.no_grad():
         logits = model(**tok("the capital of france is [MASK].", return_tensors="pt")).logits
     assert logits.shape[-1] == model.config.vocab_size
+
+    if name in SIGKILL_CASES:
+        killed = tmp_path / "killed"
+        args = [*backend_args, *tiny_args(assets, killed, precision)]
+        proc = start(launch_cmd(launcher, 2, args), tmp_path / "killed.log")
+        wait_for(killed / "checkpoints" / "step-00000003" / "COMPLETE", proc)
+        kill_all_of(killed)
+        proc.wait()
+        done = [s for s, row in read_metrics(killed).items() if "loss/total" in row]
+        assert max(done) < 6, "the run finished before the kill"
+        log = run(launch_cmd(launcher, 2, args + ["--resume"]))
+        assert "(step 3)" in log, log[-3000:]
+        again = read_metrics(killed)
+        assert sorted(s for s, row in again.items() if "loss/total" in row) == list(range(1, 7))
+        for s in (4, 5, 6):
+            assert again[s]["loss/total"] == pytest.approx(m[s]["loss/total"], abs=1e-6,
+                                                           rel=0), s
+            assert again[s]["data/sequences"] == m[s]["data/sequences"] == 8 * s
+        return
 
     # resume from step 3: steps 4-6 replay with the same losses
     shutil.rmtree(ckpts / "step-00000006")

@@ -51,7 +51,7 @@ def args(out, teacher, corpus) -> list[str]:
             "train.precision=fp32", f"train.max_steps={STEPS}", "train.global_batch=4",
             "train.micro_batch=2", "train.lr=3e-3", "train.warmup_steps=0",
             "train.log_every=1", "train.eval_every=1", "checkpoint.every_steps=100",
-            "metrics.progress_bar=false", "metrics.tensorboard=false", "metrics.peak_tflops=1",
+            "metrics.progress_bar=false", "metrics.tensorboard=false",
             "--overwrite"]
 
 

@@ -20,13 +20,26 @@ from torch import nn
 class StepResult:
     grad_norm: float | torch.Tensor
     skipped: bool  # a non-finite gradient: the update was dropped
+    # fp16 only: the loss scaler dropped the update and lowered its scale, as it does while it
+    # calibrates from its initial 2^16; that is not a divergence as long as the loss is finite
+    scale_backoff: bool = False
+
+    def diverged(self, loss_finite: bool) -> bool:
+        """Whether this step counts toward train.max_nonfinite_steps."""
+        return self.skipped and not (self.scale_backoff and loss_finite)
+
+
+def cuda_bf16_native() -> bool:
+    """bf16 in hardware (Ampere and later). A V100 reports bf16 as supported through emulation,
+    which is slower than fp16 and not what a run should pick by itself."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_bf16_native() else "fp16"
     # bf16 autocast pays on CPUs with native bf16 matmuls (AVX512-BF16/AMX: measured 1.5-1.8x);
     # elsewhere it emulates and is slower than fp32
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
@@ -69,7 +82,7 @@ class Engine:
                                            eps=adam_eps, fused=fused or None)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup_steps,
                                                          total_steps)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     # -- hooks for subclasses -----------------------------------------------------------------
     @classmethod
@@ -111,14 +124,17 @@ class Engine:
         self.scaler.unscale_(self.optimizer)
         norm = self.clip_and_norm()
         finite = bool(torch.isfinite(norm))
+        backoff = False
         if finite or self.scaler.is_enabled():
             # GradScaler skips non-finite steps itself and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # below a scale of 1 the gradients overflow unscaled: that is divergence
+            backoff = not finite and self.scaler.get_scale() >= 1.0
         self.optimizer.zero_grad(set_to_none=True)
         if finite:
             self.scheduler.step()
-        return StepResult(norm, not finite)
+        return StepResult(norm, not finite, backoff)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

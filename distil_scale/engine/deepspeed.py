@@ -143,7 +143,18 @@ class DeepSpeedEngine(Engine):
         norm = float("nan") if norm is None else float(norm)
         # bf16/fp32 updates are not dropped on a non-finite norm; report it as skipped anyway so
         # that the trainer's max_nonfinite_steps guard stops the run
-        return StepResult(norm, skipped or not math.isfinite(norm))
+        return StepResult(norm, skipped or not math.isfinite(norm),
+                          scale_backoff=skipped and self._scale_above_floor())
+
+    def _scale_above_floor(self) -> bool:
+        """An fp16 overflow skip while the dynamic loss scale can still go down: calibration
+        (DeepSpeed starts at 2^initial_scale_power), not divergence."""
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        scale = getattr(scaler, "cur_scale", None)
+        if self.precision != "fp16" or scale is None:
+            return False
+        floor = float((self.ds_config.get("fp16") or {}).get("min_loss_scale", 1))
+        return scale > floor
 
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
@@ -171,7 +182,9 @@ class DeepSpeedEngine(Engine):
         keys = set(module.state_dict().keys())
         full = {}
         for name, p in module.named_parameters():  # a tied weight comes once
-            t = safe_get_full_fp32_param(p)
+            # a frozen parameter (student.freeze_position_embeddings) has no fp32 master in
+            # any optimizer: the module's own copy is the weight (gathered under ZeRO-3)
+            t = safe_get_full_fp32_param(p) if p.requires_grad else _gathered(p)
             if t is None:  # no ZeRO optimizer owns it (stage 0): the module holds it whole
                 t = p.detach()
             if self.rank == 0:
@@ -182,3 +195,12 @@ class DeepSpeedEngine(Engine):
             if name in keys:
                 full[name] = b.detach().cpu().clone()
         return rebuild_student(module, full)
+
+
+def _gathered(p: torch.Tensor) -> torch.Tensor:
+    if not hasattr(p, "ds_id"):
+        return p.detach()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p]):  # a collective: every rank calls it
+        return p.detach().clone()

@@ -123,7 +123,10 @@ def autocast_ctx(device, precision: str):
         return contextlib.nullcontext()
     if precision == "auto":
         if device.type == "cuda":
-            ok = torch.cuda.is_bf16_supported()
+            # emulated bf16 (V100) is slower than fp32 there; fine-tuning has no fp16 scaler
+            from ..engine.base import cuda_bf16_native
+
+            ok = cuda_bf16_native()
         else:
             try:
                 ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

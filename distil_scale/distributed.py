@@ -1,0 +1,58 @@
+"""Agreement between ranks: a dead data stream, a preemption, which checkpoint to resume.
+
+A rank that acts on a local event alone strands the others in the next all-reduce, or resumes
+from another step than they do. Each such decision here is one small collective that every
+rank makes at the same point. On NCCL runs they go over a gloo group of their own: a flag on
+the host costs a network round-trip, not a device synchronisation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_control = None
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def init_control_group() -> None:
+    """Create the host-side group; a collective itself, so every rank calls it at start-up."""
+    global _control
+    if _control is None and world_size() > 1 and dist.get_backend() != "gloo":
+        _control = dist.new_group(backend="gloo")
+
+
+def _reduce(value: int, op) -> int:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=op, group=_control)
+    return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    return bool(_reduce(int(flag), dist.ReduceOp.MAX))
+
+
+def every_rank(flag: bool) -> bool:
+    return bool(_reduce(int(flag), dist.ReduceOp.MIN))
+
+
+def from_rank0(obj):
+    """Rank 0's value of ``obj`` on every rank (e.g. its list of checkpoints)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
