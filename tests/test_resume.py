@@ -225,5 +225,5 @@ def test_a_dead_stream_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path
     assert rc != 0
     assert "data source failed 2 times in a row" in log, log[-3000:]
     assert "the data source failed on another rank" in log, log[-3000:]
-    step = int(log.split("checkpoint saved at step ")[1].split(";")[0])
+    step = int(log.split("checkpoint saved at step ")[1].split(",")[0])
     assert (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file()
