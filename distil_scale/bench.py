@@ -1,4 +1,5 @@
-"""Throughput benchmark: the trainer's default distillation step (the fast path) against a
+"""Throughput benchmark: the trainer's fastest distillation step (the fast path: the default step
+with ``loss.kl_positions=masked``) against a
 reference step that does what the original DistilBERT training code does, in one process, on the
 same data, with repeats interleaved (one step of every configuration per round) and medians.
 
@@ -59,8 +60,9 @@ SHAPES = {
 # -- configurations ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
-    """One configuration. ``fast`` is the trainer's default step; every other row flips one
-    switch of it (``toggle`` names the switch), except ``reference``."""
+    """One configuration. ``fast`` is the trainer's step with ``loss.kl_positions=masked``;
+    every other row flips one switch of it (``toggle`` names the switch), except ``reference``.
+    "logits at every position" is the default objective (the release's KL over every token)."""
     name: str
     toggle: str = ""
     reference: bool = False
