@@ -36,9 +36,19 @@ def soft_target_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> 
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) -> (n, ...) at ``rows``: flat indices into B*L, or a (B, L) mask.
+
+    Indices are what the training step passes: their count is known on the host, where a
+    boolean mask makes the device report how many rows it selected (a synchronisation)."""
+    if rows.dtype == torch.bool:
+        return x[rows]
+    return x.flatten(0, 1).index_select(0, rows)
+
+
 def hidden_cosine(h_s: torch.Tensor, h_t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 - cos(h_s, h_t) over the tokens where ``keep`` (non-padding) is true."""
-    hs, ht = h_s[keep].float(), h_t[keep].float()
+    """Mean of 1 - cos(h_s, h_t) over the non-padding tokens ``keep`` (indices or a mask)."""
+    hs, ht = gather_rows(h_s, keep).float(), gather_rows(h_t, keep).float()
     return (1.0 - F.cosine_similarity(hs, ht, dim=-1)).mean()
 
 
@@ -47,13 +57,14 @@ def logit_mse(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(s_logits.float(), t_logits.float(), reduction="sum") / s_logits.shape[0]
 
 
-def distillation_loss(s_hidden, t_hidden, s_logits, t_logits, labels, attention_mask,
+def distillation_loss(s_hidden, t_hidden, s_logits, t_logits, labels, real,
                       mlm_rows, w: LossWeights) -> tuple[torch.Tensor, dict]:
     """The weighted objective and its raw terms.
 
     s_logits/t_logits: (n_sel, V) at the selected positions. ``mlm_rows`` indexes the rows of
     those that are masked positions (all of them when KL is over masked tokens only), and
-    ``labels`` holds the original token at each of those rows.
+    ``labels`` holds the original token at each of those rows. ``real``: the non-padding
+    tokens, as flat row indices or as the (B, L) attention mask.
     """
     terms: dict[str, torch.Tensor] = {}
     zero = s_hidden.new_zeros((), dtype=torch.float32)
@@ -62,7 +73,7 @@ def distillation_loss(s_hidden, t_hidden, s_logits, t_logits, labels, attention_
         terms["mlm"] = F.cross_entropy(s_logits[mlm_rows].float(), labels)
     else:
         terms["mlm"] = zero
-    keep = attention_mask.bool()
+    keep = real if real.dim() == 1 else real.bool()  # flat indices, or the attention mask
     terms["cos"] = hidden_cosine(s_hidden, t_hidden, keep) if w.alpha_cos > 0 else zero
     terms["mse"] = logit_mse(s_logits, t_logits) if w.alpha_mse > 0 else zero
     total = (w.alpha_ce * terms["ce"] + w.alpha_mlm * terms["mlm"] + w.alpha_cos * terms["cos"]

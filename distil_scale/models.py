@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .cli import UserError
+from .losses import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,9 @@ class StudentForDistillation(nn.Module):
         self.mlm = mlm
 
     def forward(self, input_ids, attention_mask, positions):
+        """``positions``: flat row indices into B*L (the training step), or a (B, L) mask."""
         hidden = self.mlm.distilbert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        sel = hidden[positions]  # (n_sel, dim)
+        sel = gather_rows(hidden, positions)  # (n_sel, dim)
         x = self.mlm.activation(self.mlm.vocab_transform(sel))
         x = self.mlm.vocab_layer_norm(x)
         return hidden, self.mlm.vocab_projector(x)
@@ -207,7 +209,7 @@ class TeacherForDistillation(nn.Module):
 
     def forward(self, input_ids, attention_mask, positions):
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return hidden, self.mlm.cls(hidden[positions])
+        return hidden, self.mlm.cls(gather_rows(hidden, positions))
 
 
 def freeze(model: nn.Module) -> nn.Module:

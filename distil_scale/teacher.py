@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .cli import UserError
 from .data.loader import PretrainStream
 from .data.masking import DynamicMasker
+from .losses import gather_rows
 from .models import freeze, load_bert_mlm, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def mlm_eval(forward, batches, device, autocast) -> tuple[float, float]:
     for mb in batches:
         with autocast():
             logits = forward(mb.input_ids.to(device), mb.attention_mask.to(device),
-                             mb.positions.to(device))
+                             mb.masked_rows.to(device))
         labels = mb.labels.to(device)
         tot_loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
@@ -71,7 +72,7 @@ def mlm_eval(forward, batches, device, autocast) -> tuple[float, float]:
 
 def _head_logits(mlm, ids, mask, positions):
     hidden = mlm.bert(input_ids=ids, attention_mask=mask)[0]
-    return mlm.cls(hidden[positions])
+    return mlm.cls(gather_rows(hidden, positions))
 
 
 def check_tokenizer(tokenizer, model, path: str) -> None:
@@ -170,7 +171,7 @@ def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, counts: torc
         mb = masker(ids, torch.ones_like(ids), step)
         with autocast():
             logits = fwd(mb.input_ids.to(device), mb.attention_mask.to(device),
-                         mb.positions.to(device))
+                         mb.masked_rows.to(device))
         loss = F.cross_entropy(logits.float(), mb.labels.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(body + head_params, 1.0)

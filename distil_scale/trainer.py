@@ -43,21 +43,27 @@ class TrainingError(RuntimeError):
 
 
 def distill_step(student, teacher, mb, weights: LossWeights, kl_all: bool, device):
-    """Teacher forward (inference mode) and student forward; returns (total, raw terms)."""
+    """Teacher forward (inference mode) and student forward; returns (total, raw terms).
+
+    Every selection is a gather by flat row indices the masker computed on the host: no
+    boolean indexing, so nothing in the step waits for the device to count positions.
+    """
     ids = mb.input_ids.to(device, non_blocking=True)
     mask = mb.attention_mask.to(device, non_blocking=True)
-    masked = mb.positions.to(device, non_blocking=True)
+    real = mb.real_rows.to(device, non_blocking=True)
     labels = mb.labels.to(device, non_blocking=True)
-    # Vocabulary logits only where a loss reads them: the masked positions, or every real token
-    # when the KL term covers all of them.
-    positions = mask.bool() if kl_all else masked
-    mlm_rows = masked[positions] if kl_all else slice(None)
+    # Vocabulary logits only where a loss reads them: every real token when the KL term covers
+    # all of them (the MLM term then reads the masked rows among those), else the masked ones.
+    if kl_all:
+        positions, mlm_rows = real, mb.masked_in_real.to(device, non_blocking=True)
+    else:
+        positions, mlm_rows = mb.masked_rows.to(device, non_blocking=True), slice(None)
     with torch.inference_mode():
         t_hidden, t_logits = teacher(ids, mask, positions)
     # inference tensors cannot be saved for backward; a clone outside the mode is a normal one
     t_hidden, t_logits = t_hidden.clone(), t_logits.clone()
     s_hidden, s_logits = student(ids, mask, positions)
-    return distillation_loss(s_hidden, t_hidden, s_logits, t_logits, labels, mask, mlm_rows,
+    return distillation_loss(s_hidden, t_hidden, s_logits, t_logits, labels, real, mlm_rows,
                              weights)
 
 
