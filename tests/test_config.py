@@ -69,3 +69,18 @@ def test_shipped_configs_load(tmp_path):
     assert paper.teacher.name_or_path == "bert-base-uncased"
     assert paper.data.source == "wikimedia/wikipedia"
     assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["teacher"]
+
+
+def test_console_script_runs_the_launcher():
+    """pip install -e . puts distil-pretrain on PATH; it is launch/pretrain.py's main."""
+    import subprocess
+
+    from fixtures import BIN, run_env
+
+    exe = BIN / "distil-pretrain"
+    if not exe.is_file():
+        pytest.skip(f"{exe} is not installed (pip install -e .)")
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=run_env())
+    assert r.returncode == 0 and "--resume" in r.stdout
+    r = subprocess.run([str(exe), "train.lr=-1"], capture_output=True, text=True, env=run_env())
+    assert r.returncode == 2 and "error: train.lr: must be > 0" in r.stderr
