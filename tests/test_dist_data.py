@@ -1,8 +1,8 @@
 """What the ranks read: disjoint data, and together what one process reads (in-process, fast).
 
-The stream shards by rank with datasets' ``split_dataset_by_node``: whole files per rank when
-the number of files divides by the world size, else every world-th row of the stream. Packing
-and the shuffle buffer then run per rank, so:
+The stream shards by rank with whole files (shards) per rank whenever there are at least as
+many files as ranks (``ds.shard``), else every world-th row of the stream
+(``split_dataset_by_node``). Packing and the shuffle buffer then run per rank, so:
 - rank sets are always disjoint (a document goes to one rank only);
 - "together they read what one process reads" holds step by step when each document is one
   packed sequence and ``data.shuffle_buffer=1`` (no packing across documents, no reordering);
@@ -72,3 +72,64 @@ def test_ranks_read_disjoint_whole_files_through_a_shuffle_buffer(tmp_path, tok)
     one = {q for b in read(cfg1, tok, 8, 8) for q in b}
     both = [q for r in (0, 1) for b in read(cfg1, tok, 4, 8, rank=r, world=2) for q in b]
     assert len(one) == 64 and len(both) == 64 and set(both) == one
+
+
+def _files(d, n_files=5, rows=6):
+    d.mkdir()
+    for f in range(n_files):
+        (d / f"part{f}.jsonl").write_text("".join(
+            json.dumps({"text": f"file{f} row{i} the river and the city"}) + "\n"
+            for i in range(rows)), encoding="utf-8")
+    return d
+
+
+def test_ranks_get_whole_files_when_the_count_does_not_divide(tmp_path):
+    """5 files, 2 ranks: datasets' split_dataset_by_node would have every rank read all 5
+    files and keep every other row; whole files per rank instead (3 and 2)."""
+    from distil_scale.data.sources import iter_texts, open_from_config
+
+    cfg = DataConfig(source=str(_files(tmp_path / "f")), max_seq_len=SEQ)
+    per_rank = []
+    for rank in (0, 1):
+        ds = open_from_config(cfg, seed=0, rank=rank, world=2)
+        rows = [t.split()[:2] for t in iter_texts(ds, cfg)]
+        files = {f for f, _ in rows}
+        assert ds.num_shards == len(files) < 5
+        assert len(rows) == 6 * len(files)  # whole files: every row of each
+        per_rank.append({tuple(r) for r in rows})
+    assert not per_rank[0] & per_rank[1]
+    assert len(per_rank[0] | per_rank[1]) == 30
+
+
+def test_hub_streams_shuffle_shard_order_only_and_resume_exactly(tmp_path):
+    """What open_stream does to a hub dataset, on a local multi-file one: the shard order
+    follows the seed, rows keep their order within a shard, and the state resumes exactly
+    (datasets' own shuffle buffer would lose its content on resume)."""
+    from datasets import load_dataset
+
+    from distil_scale.data.sources import shard_for_rank, shuffle_shards
+
+    files = sorted(str(p) for p in _files(tmp_path / "f").iterdir())
+
+    def open_(seed):
+        return shuffle_shards(load_dataset("json", data_files=files, split="train",
+                                           streaming=True), seed)
+
+    rows = [r["text"].split()[:2] for r in open_(1)]
+    order = [f for i, (f, _) in enumerate(rows) if i % 6 == 0]
+    assert sorted(order) == [f"file{i}" for i in range(5)]
+    assert [int(r[1][3:]) for r in rows] == list(range(6)) * 5  # in order within each file
+    assert order != [f for i, (f, _) in enumerate([r["text"].split()[:2] for r in open_(2)])
+                     if i % 6 == 0]
+    ds = open_(1)
+    it = iter(ds)
+    head = [next(it)["text"] for _ in range(8)]
+    state = ds.state_dict()
+    again = open_(1)
+    again.load_state_dict(state)
+    assert head + [r["text"] for r in again] == [" ".join(r) + " the river and the city"
+                                                 for r in rows]
+    # and ranks then split whole shards
+    r0 = {r["text"] for r in shard_for_rank(open_(1), 0, 2)}
+    r1 = {r["text"] for r in shard_for_rank(open_(1), 1, 2)}
+    assert not r0 & r1 and len(r0 | r1) == 30 and {len(r0), len(r1)} == {18, 12}

@@ -1,76 +1,88 @@
 """The pretraining stream: source -> tokenize -> pack -> shuffle buffer -> micro-batches, with a
-state_dict that resumes it exactly.
+state_dict that resumes it exactly; and the loader that prefetches its batches in a thread.
 
 datasets' own state_dict covers the source position only; the packing remainder and the
-shuffle buffer live here and are saved here, which is why this is written by hand. Batches
-are prepared in a background thread rather than DataLoader worker processes: each worker
-would hold its own state that the trainer cannot see, and tokenizing a 16x128 batch costs
-about 1 ms against a ~1 s distillation step.
+shuffle buffer live here and are saved here, which is why this is written by hand. Batches are
+assembled in one background thread (whose state the trainer can read); only tokenization, the
+expensive part, may go out to worker processes, and it comes back in document order.
+
+Pre-tokenized shards (launch/prepare_data.py, shards.py) skip all of this:
+``open_pretrain_stream`` picks them when ``data.source`` is a prepared directory.
 """
 from __future__ import annotations
 
+import collections
 import copy
+import hashlib
+import json
 import logging
-import queue
+import os
 import random
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..cli import UserError
-from .packing import Packer
-from .sources import is_heldout, iter_texts, open_from_config
+from .packing import Encoder, Packer, encode, fast_tokenizer, vocab_hash
+from .sources import is_heldout, iter_texts, open_from_config, source_fingerprint
 
 log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.npz"
 
 
 class StreamError(RuntimeError):
     """The source kept failing after its retries; the run stops with a resumable checkpoint."""
 
 
-def _tokenize(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+def _tokenize(tokenizer, text: str) -> np.ndarray:
+    return encode(fast_tokenizer(tokenizer), [text])[0]
 
 
-class PretrainStream:
-    def __init__(self, data_cfg, tokenizer, micro_batch: int, *, seed: int = 0, rank: int = 0,
-                 world: int = 1, open_fn=open_from_config):
-        self.cfg = data_cfg
-        self.tok = tokenizer
-        self.micro_batch = micro_batch
-        self.ds = open_fn(data_cfg, seed=seed, rank=rank, world=world)
-        self._fresh_ds_state = copy.deepcopy(self.ds.state_dict())
-        self._ds_state = copy.deepcopy(self._fresh_ds_state)
-        self.packer = Packer(data_cfg.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
-        self.buffer: list[list[int]] = []
-        self.rng = random.Random(seed * 7919 + rank)
-        self.epoch = 0
-        self.sequences_out = 0
+class _Reader:
+    """Training documents of the source in order from a position, across epochs, retrying a
+    failing source from its last good row.
+
+    A position is ``(ds_state, skip, epoch, epoch_docs)``: datasets' state at the start of a
+    chunk plus the rows read since, so that nested dict is copied once per chunk of documents
+    rather than once per document."""
+
+    def __init__(self, ds, cfg, fresh_state, pos):
+        self.ds, self.cfg, self.fresh = ds, cfg, fresh_state
+        self.anchor, self.skip, self.epoch, self.epoch_docs = pos
         self._rows = None
-        self._epoch_docs = 0
 
-    # -- source with retries ------------------------------------------------------------------
-    def _next_text(self) -> str:
-        """The next training document (held-out and blank ones skipped), across epochs."""
-        retries = 0
-        while True:
-            if self._rows is None:
-                self.ds.set_epoch(self.epoch)
-                self.ds.load_state_dict(copy.deepcopy(self._ds_state))
-                self._rows = iter_texts(self.ds, self.cfg)
+    def _open(self) -> None:
+        self.ds.set_epoch(self.epoch)
+        self.ds.load_state_dict(copy.deepcopy(self.anchor))
+        rows = iter_texts(self.ds, self.cfg)
+        for _ in range(self.skip):
+            next(rows)
+        self._rows = rows
+
+    def chunk(self, max_docs: int, max_chars: int) -> tuple[list, list[str]]:
+        """Up to ``max_docs`` documents or ``max_chars`` characters: (positions after each
+        document, texts)."""
+        if self._rows is not None and self.skip:
+            self.anchor, self.skip = copy.deepcopy(self.ds.state_dict()), 0
+        poss, texts, chars, retries = [], [], 0, 0
+        while len(texts) < max_docs and chars < max_chars:
             try:
+                if self._rows is None:
+                    self._open()
                 text = next(self._rows)
             except StopIteration:
-                if self._epoch_docs == 0:
+                if self.epoch_docs == 0:
                     raise UserError(
                         f"data.source: no training text in '{self.cfg.source}' (empty corpus, "
                         "only empty lines, or every document held out by "
                         "data.heldout_fraction); give it real text") from None
-                self.epoch += 1
-                self._epoch_docs = 0
-                self._ds_state = copy.deepcopy(self._fresh_ds_state)
-                self._rows = None
+                self.epoch, self.epoch_docs = self.epoch + 1, 0
+                self.anchor, self.skip, self._rows = self.fresh, 0, None
                 continue
             except (OSError, ConnectionError, TimeoutError) as e:
                 retries += 1
@@ -80,44 +92,174 @@ class PretrainStream:
                 log.warning("data source raised %s; retry %d/%d in %.1fs", type(e).__name__,
                             retries, self.cfg.max_retries, wait)
                 time.sleep(wait)
-                self._rows = None  # reopen from the last good position
+                self._rows = None  # reopen at the last good row
                 continue
-            self._ds_state = copy.deepcopy(self.ds.state_dict())
+            retries = 0
+            self.skip += 1
             if not text.strip() or is_heldout(text, self.cfg.heldout_fraction):
                 continue
-            self._epoch_docs += 1
-            return text
+            self.epoch_docs += 1
+            poss.append((self.anchor, self.skip, self.epoch, self.epoch_docs))
+            texts.append(text)
+            chars += len(text)
+        return poss, texts
 
-    def _next_sequence(self) -> list[int]:
-        while True:
-            if len(self.buffer) >= self.cfg.shuffle_buffer:
-                i = self.rng.randrange(len(self.buffer))
-                self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
-                return self.buffer.pop()
-            ids = _tokenize(self.tok, self._next_text())
-            self.buffer.extend(self.packer.add(ids))
+
+class PretrainStream:
+    """Packed sequences of the training documents, shuffled through a buffer of
+    ``data.shuffle_buffer`` sequences (1 or less: in order), endlessly (epochs).
+
+    Each sequence is drawn from a buffer holding at least ``shuffle_buffer`` sequences, reading
+    documents only when it holds fewer: the order of draws is the same whatever the micro-batch
+    size, so accumulation reproduces one big batch. The buffer is a numpy array, so a
+    checkpoint copies one block of memory. A source that fails in the middle of a batch leaves
+    the rows already drawn in the state, and the next call completes that batch.
+    ``workers`` > 0 tokenizes in that many processes (same batches, in the same order)."""
+
+    def __init__(self, data_cfg, tokenizer, micro_batch: int, *, seed: int = 0, rank: int = 0,
+                 world: int = 1, open_fn=open_from_config, workers: int = 0):
+        self.cfg = data_cfg
+        self.tok = tokenizer
+        self.micro_batch = micro_batch
+        self.seq_len = data_cfg.max_seq_len
+        self.workers = workers
+        self.ds = open_fn(data_cfg, seed=seed, rank=rank, world=world)
+        self._fresh_ds_state = copy.deepcopy(self.ds.state_dict())
+        self._pos = (self._fresh_ds_state, 0, 0, 0)
+        self.packer = Packer(data_cfg.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        self.rng = random.Random(seed * 7919 + rank)
+        self.sequences_out = 0
+        self._buf = np.empty((0, self.seq_len), dtype=np.int32)
+        self._head = 0  # in order (shuffle_buffer <= 1): rows _head.._n are waiting
+        self._n = 0
+        self._partial: list[np.ndarray] = []  # rows of a batch whose source failed
+        self._docs = None
+        self._encoder: Encoder | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the last document read."""
+        return self._pos[2]
+
+    def _capacity(self) -> int:
+        return max(self.cfg.shuffle_buffer, 1) + 64
+
+    def _documents(self):
+        if self._encoder is None or self._encoder.workers != self.workers:
+            if self._encoder is not None:
+                self._encoder.close()
+            self._encoder = Encoder(self.tok, self.workers)
+        reader = _Reader(self.ds, self.cfg, self._fresh_ds_state, self._pos)
+        # in flight: enough text per chunk to pay for the round trip to a worker
+        max_docs, max_chars = (256, 1 << 18) if self.workers > 0 else (32, 1 << 16)
+        chunks = iter(lambda: reader.chunk(max_docs, max_chars), None)
+        for poss, ids in self._encoder.map(chunks):
+            yield from zip(ids, poss)
+
+    def _push(self, seqs: np.ndarray) -> None:
+        k = len(seqs)
+        if k == 0:
+            return
+        if self._n + k > len(self._buf):
+            grown = np.empty((max(2 * len(self._buf), self._n + k, self._capacity()),
+                              self.seq_len), dtype=np.int32)
+            grown[:self._n] = self._buf[:self._n]
+            self._buf = grown
+        self._buf[self._n:self._n + k] = seqs
+        self._n += k
+
+    def _read_document(self) -> None:
+        if self._docs is None:
+            self._docs = self._documents()
+        try:
+            ids, pos = next(self._docs)
+        except BaseException:
+            self._docs = None  # a later call starts again from the last document read
+            raise
+        self._pos = pos
+        self._push(self.packer.add(ids))
+
+    def _draw(self) -> np.ndarray:
+        """One sequence (a view: copy it before the buffer changes)."""
+        if self.cfg.shuffle_buffer > 1:
+            while self._n < self.cfg.shuffle_buffer:
+                self._read_document()
+            buf = self._buf
+            i = self.rng.randrange(self._n)
+            row = buf[i].copy()
+            self._n -= 1
+            buf[i] = buf[self._n]
+            return row
+        if self._head == self._n:
+            self._head = self._n = 0
+            while self._n == 0:
+                self._read_document()
+        self._head += 1
+        return self._buf[self._head - 1]
 
     def next_batch(self) -> torch.Tensor:
-        seqs = [self._next_sequence() for _ in range(self.micro_batch)]
-        self.sequences_out += len(seqs)
-        return torch.tensor(seqs, dtype=torch.long)
+        out = np.empty((self.micro_batch, self.seq_len), dtype=np.int32)
+        for j, row in enumerate(self._partial):
+            out[j] = row
+        for j in range(len(self._partial), self.micro_batch):
+            try:
+                out[j] = self._draw()
+            except BaseException:
+                self._partial = [r.copy() for r in out[:j]]
+                raise
+        self._partial = []
+        self.sequences_out += self.micro_batch
+        return torch.from_numpy(out).long()
+
+    def documents(self):
+        """(text, epoch) of the training documents from the current position, for inspection;
+        it moves the source, so do not mix it with ``next_batch``."""
+        reader = _Reader(self.ds, self.cfg, self._fresh_ds_state, self._pos)
+        while True:
+            poss, texts = reader.chunk(1, 1)
+            yield texts[0], poss[0][2]
 
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"ds": copy.deepcopy(self._ds_state), "packer": self.packer.state_dict(),
-                "buffer": [list(s) for s in self.buffer], "rng": self.rng.getstate(),
-                "epoch": self.epoch, "sequences_out": self.sequences_out,
-                "epoch_docs": self._epoch_docs}
+        anchor, skip, epoch, epoch_docs = self._pos
+        partial = (np.stack(self._partial) if self._partial
+                   else np.empty((0, self.seq_len), dtype=np.int32))
+        return {"format": 2, "ds": copy.deepcopy(anchor), "skip": skip, "epoch": epoch,
+                "epoch_docs": epoch_docs, "packer": self.packer.state_dict(),
+                "buffer": torch.from_numpy(self._buf[self._head:self._n].copy()),
+                "partial": torch.from_numpy(partial), "rng": self.rng.getstate(),
+                "sequences_out": self.sequences_out}
 
     def load_state_dict(self, sd: dict) -> None:
-        self._ds_state = copy.deepcopy(sd["ds"])
+        def rows(x) -> np.ndarray:
+            # format 1 (before numpy buffers) saved lists of token lists
+            if isinstance(x, torch.Tensor):
+                a = x.numpy()
+            elif len(x) == 0:
+                a = np.empty((0, self.seq_len), dtype=np.int32)
+            else:
+                a = np.asarray(x, dtype=np.int32).reshape(len(x), -1)
+            if len(a) and a.shape[1] != self.seq_len:
+                raise UserError(f"data.max_seq_len: the checkpoint's data holds sequences of "
+                                f"{a.shape[1]} tokens and this run asks for {self.seq_len}; "
+                                f"resume with data.max_seq_len={a.shape[1]}")
+            return a.astype(np.int32, copy=False)
+
+        arr = rows(sd["buffer"])
+        self._pos = (copy.deepcopy(sd["ds"]), sd.get("skip", 0), sd["epoch"], sd["epoch_docs"])
         self.packer.load_state_dict(sd["packer"])
-        self.buffer = [list(s) for s in sd["buffer"]]
+        self._buf = np.empty((max(len(arr), self._capacity()), self.seq_len), dtype=np.int32)
+        self._buf[:len(arr)] = arr
+        self._head, self._n = 0, len(arr)
+        self._partial = list(rows(sd.get("partial", [])))
         self.rng.setstate(_as_tuple(sd["rng"]))
-        self.epoch = sd["epoch"]
         self.sequences_out = sd["sequences_out"]
-        self._epoch_docs = sd["epoch_docs"]
-        self._rows = None
+        self._docs = None
+
+    def close(self) -> None:
+        self._docs = None
+        if self._encoder is not None:
+            self._encoder.close()
 
 
 def _as_tuple(x):
@@ -125,97 +267,293 @@ def _as_tuple(x):
 
 
 class BatchLoader:
-    """Prefetches ``prefetch`` batches in a thread; state_dict is that of the last batch handed
-    out, so prefetched-but-unused batches are produced again after a resume."""
+    """Hands out a stream's batches, prepared ``prefetch`` ahead in a thread.
 
-    def __init__(self, stream: PretrainStream, prefetch: int = 2):
+    ``transform(batch, k)`` (the trainer's masking and pinning; ``k`` counts the batches this
+    loader hands out, from 0) runs in that thread too, so the training thread only waits when
+    the data really is late. Nothing is copied per batch. ``state_dict()`` (checkpoint time)
+    waits for the producer to finish the batch it is making and returns the stream's state plus
+    the raw batches made but not yet handed out; a loader loaded from it hands those out first,
+    so a resumed run sees exactly the batches the uninterrupted one would. ``mark()`` names the
+    position now (the trainer marks each step start) and ``state_dict(at=mark)`` also keeps the
+    batches handed out since, so a step that failed half-way is read again in full."""
+
+    def __init__(self, stream, prefetch: int = 2, *, workers: int = 0, transform=None):
         self.stream = stream
+        if workers:
+            stream.workers = workers
         self.prefetch = prefetch
-        self._state = stream.state_dict()
-        self._q: queue.Queue | None = None
+        self.transform = transform
+        # (batch, epoch, transformed or None) or an exception
+        self._ready: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._stream_lock = threading.Lock()  # held by whoever is inside the stream
+        self._made = 0  # batches made or loaded: the next one's k
+        self._handed = 0
+        self._mark: int | None = None
+        self._mark_epoch = 0
+        self._since_mark: list = []
+        self._epoch = stream.epoch
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def _worker(self) -> None:
-        try:
-            while not self._stop.is_set():
-                batch = self.stream.next_batch()
-                item = (batch, self.stream.state_dict())
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # handed to the consumer, raised there
-            self._q.put(e)
+    @property
+    def epoch(self) -> int:
+        """The stream epoch of the last batch handed out."""
+        return self._epoch
 
-    def __next__(self) -> torch.Tensor:
-        if self.prefetch <= 0:
-            batch = self.stream.next_batch()
-            self._state = self.stream.state_dict()
-            return batch
-        if self._thread is None:
-            self._q = queue.Queue(maxsize=self.prefetch)
-            self._thread = threading.Thread(target=self._worker, daemon=True)
-            self._thread.start()
-        item = self._q.get()
-        if isinstance(item, BaseException):
-            raise item
-        batch, self._state = item
-        return batch
+    def _make(self):
+        batch = self.stream.next_batch()
+        k, self._made = self._made, self._made + 1
+        out = self.transform(batch, k) if self.transform is not None else None
+        return batch, self.stream.epoch, out
+
+    def _produce(self) -> None:
+        while True:
+            with self._cv:
+                while len(self._ready) >= self.prefetch and not self._stop.is_set():
+                    self._cv.wait()
+            if self._stop.is_set():
+                return
+            with self._stream_lock:
+                try:
+                    item = self._make()
+                except BaseException as e:  # handed to the consumer, raised there
+                    item = e
+                with self._cv:
+                    self._ready.append(item)
+                    self._cv.notify_all()
+            if isinstance(item, BaseException):
+                return
+
+    def __next__(self):
+        if self.prefetch <= 0 and not self._ready:
+            with self._stream_lock:
+                item = self._make()
+        else:
+            if self._thread is None and self.prefetch > 0:
+                self._thread = threading.Thread(target=self._produce, daemon=True,
+                                                name="batch-loader")
+                self._thread.start()
+            with self._cv:
+                while not self._ready:
+                    self._cv.wait()
+                item = self._ready[0]
+                if isinstance(item, BaseException):
+                    raise item  # left in place: the stream is dead, every later call says so
+                self._ready.popleft()
+                self._cv.notify_all()
+        batch, self._epoch, out = item
+        if self.transform is not None and out is None:  # a batch loaded from a checkpoint
+            out = self.transform(batch, self._handed)
+        self._handed += 1
+        if self._mark is not None:
+            self._since_mark.append(item)
+        return out if self.transform is not None else batch
 
     def __iter__(self):
         return self
 
-    def state_dict(self) -> dict:
-        return copy.deepcopy(self._state)
+    def mark(self) -> int:
+        """A token for the position now, for ``state_dict(at=token)``; costs nothing. Only
+        the latest mark can be asked for (the batches before it are let go)."""
+        self._mark, self._mark_epoch, self._since_mark = self._handed, self._epoch, []
+        return self._handed
 
-    def snapshot(self) -> dict:
-        """The current state without a copy: each batch brings a fresh state dict, so a
-        reference taken now stays valid (cheap enough to take every step)."""
-        return self._state
+    def state_dict(self, at: int | None = None) -> dict:
+        """The state as of the last batch handed out, or as of ``at`` (a ``mark()``)."""
+        if at is None:
+            replay = []
+        elif self._mark is None or not self._mark <= at <= self._handed:
+            raise ValueError(f"state_dict(at={at}): only the latest mark ({self._mark}) or a "
+                             f"later position up to {self._handed} can be asked for")
+        else:
+            replay = self._since_mark[at - self._mark:]
+        with self._stream_lock:  # the producer is between batches
+            stream = self.stream.state_dict()
+            with self._cv:
+                ready = [it for it in self._ready if not isinstance(it, BaseException)]
+        pending = replay + ready
+        if at is None or at == self._handed:
+            epoch = self._epoch
+        elif at == self._mark:
+            epoch = self._mark_epoch
+        else:
+            epoch = self._since_mark[at - self._mark - 1][1]
+        return {"format": 2, "stream": stream, "pending": [it[0] for it in pending],
+                "pending_epochs": [it[1] for it in pending], "epoch": epoch}
 
     def load_state_dict(self, sd: dict) -> None:
-        if self._thread is not None:
+        if self._thread is not None or self._handed:
             raise RuntimeError("load_state_dict before the first batch")
-        self.stream.load_state_dict(sd)
-        self._state = copy.deepcopy(sd)
+        if sd.get("format", 1) < 2 or "stream" not in sd:
+            self.stream.load_state_dict(sd)  # a loader state of format 1 was the stream's
+            self._ready = collections.deque()
+        else:
+            self.stream.load_state_dict(sd["stream"])
+            self._ready = collections.deque(
+                (b, e, None) for b, e in zip(sd["pending"], sd["pending_epochs"]))
+        self._made = len(self._ready)
+        self._epoch = sd.get("epoch", self.stream.epoch)
 
     def close(self) -> None:
         self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if hasattr(self.stream, "close"):
+            self.stream.close()
 
 
-def build_eval_set(data_cfg, tokenizer, n: int, *, seed: int = 0,
-                   open_fn=open_from_config) -> torch.Tensor:
-    """The first ``n`` packed sequences of held-out documents (the same on every rank)."""
-    packer = Packer(data_cfg.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
-    seqs: list[list[int]] = []
-    for text in iter_texts(open_fn(data_cfg, seed=seed), data_cfg):
-        if text.strip() and is_heldout(text, data_cfg.heldout_fraction):
-            seqs.extend(packer.add(_tokenize(tokenizer, text)))
-            if len(seqs) >= n:
-                break
-    if not seqs:
-        raise UserError(f"data.heldout_fraction: no held-out sequence of {data_cfg.max_seq_len} "
-                        f"tokens in '{data_cfg.source}'; raise data.heldout_fraction or give "
-                        "more text")
-    return torch.tensor(seqs[:n], dtype=torch.long)
+# -- choosing the stream ----------------------------------------------------------------------
+def is_shard_dir(source: str) -> bool:
+    """Whether ``source`` is a directory written by launch/prepare_data.py (and finished)."""
+    if not source or source.startswith("pypi:"):
+        return False
+    return (Path(source).expanduser() / MANIFEST).is_file()
+
+
+def _refuse_unfinished(source: str) -> None:
+    if source and not source.startswith("pypi:") and (
+            Path(source).expanduser() / PROGRESS).is_file():
+        raise UserError(f"data.source: '{source}' is an unfinished launch/prepare_data.py "
+                        "output; re-run the same prepare_data command to finish it")
+
+
+def open_pretrain_stream(data_cfg, tokenizer, micro_batch: int, *, seed: int = 0,
+                         rank: int = 0, world: int = 1, workers: int = 0,
+                         open_fn=open_from_config):
+    """A ShardStream when ``data.source`` is a prepared shard directory, else a
+    PretrainStream (tokenizing in ``workers`` processes)."""
+    if is_shard_dir(data_cfg.source):
+        from .shards import ShardStream
+
+        return ShardStream(data_cfg, tokenizer, micro_batch, seed=seed, rank=rank, world=world)
+    _refuse_unfinished(data_cfg.source)
+    return PretrainStream(data_cfg, tokenizer, micro_batch, seed=seed, rank=rank, world=world,
+                          open_fn=open_fn, workers=workers)
+
+
+# -- held-out set and token counts ------------------------------------------------------------
+def _cache_file(cache_dir, kind: str, data_cfg, tokenizer, **extra) -> Path:
+    key = {"kind": kind, "source": source_fingerprint(data_cfg.source),
+           "config_name": data_cfg.config_name, "split": data_cfg.split,
+           "text_field": data_cfg.text_field, "encoding_errors": data_cfg.encoding_errors,
+           "heldout_fraction": data_cfg.heldout_fraction, "max_seq_len": data_cfg.max_seq_len,
+           "vocab": vocab_hash(tokenizer), **extra}
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir).expanduser() / f"{kind}-{h}.npy"
+
+
+def _cached(path: Path | None) -> np.ndarray | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError):
+        return None  # a damaged entry is built again
+
+
+def _cache_save(path: Path | None, arr: np.ndarray) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # several ranks may build the same entry at once: each writes its own file and renames it
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def build_eval_set(data_cfg, tokenizer, n: int, *, seed: int = 0, open_fn=open_from_config,
+                   cache_dir=None) -> torch.Tensor:
+    """The first ``n`` packed sequences of held-out documents (the same on every rank): a shard
+    directory's heldout.npy, or read from the stream once and kept under ``cache_dir``."""
+    if is_shard_dir(data_cfg.source):
+        from .shards import read_heldout
+
+        return read_heldout(data_cfg, tokenizer, n)
+    _refuse_unfinished(data_cfg.source)
+    path = (_cache_file(cache_dir, "eval", data_cfg, tokenizer, n=n, seed=seed)
+            if cache_dir is not None and open_fn is open_from_config else None)
+    arr = _cached(path)
+    if arr is None:
+        fast = fast_tokenizer(tokenizer)
+        packer = Packer(data_cfg.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        seqs, have = [], 0
+        for text in iter_texts(open_fn(data_cfg, seed=seed), data_cfg):
+            if text.strip() and is_heldout(text, data_cfg.heldout_fraction):
+                s = packer.add(encode(fast, [text])[0])
+                seqs.append(s)
+                have += len(s)
+                if have >= n:
+                    break
+        if not have:
+            raise UserError(f"data.heldout_fraction: no held-out sequence of "
+                            f"{data_cfg.max_seq_len} tokens in '{data_cfg.source}'; raise "
+                            "data.heldout_fraction or give more text")
+        arr = np.concatenate(seqs)[:n]
+        _cache_save(path, arr)
+    return torch.from_numpy(arr.astype(np.int64))
 
 
 def scan_token_counts(data_cfg, tokenizer, n_docs: int, *, seed: int = 0,
-                      open_fn=open_from_config) -> torch.Tensor:
-    """Token frequencies over the first ``n_docs`` training documents."""
-    counts = torch.zeros(len(tokenizer), dtype=torch.long)
-    seen = 0
-    for text in iter_texts(open_fn(data_cfg, seed=seed), data_cfg):
-        if not text.strip() or is_heldout(text, data_cfg.heldout_fraction):
-            continue
-        ids = torch.tensor(_tokenize(tokenizer, text), dtype=torch.long)
-        counts += torch.bincount(ids, minlength=len(counts))[:len(counts)]
-        seen += 1
-        if seen >= n_docs:
-            break
-    return counts
+                      open_fn=open_from_config, cache_dir=None) -> torch.Tensor:
+    """Token frequencies over the first ``n_docs`` training documents (a shard directory's
+    token_counts.npy counts all of them), kept under ``cache_dir`` when given."""
+    if is_shard_dir(data_cfg.source):
+        from .shards import read_token_counts
+
+        return read_token_counts(data_cfg, tokenizer)
+    _refuse_unfinished(data_cfg.source)
+    path = (_cache_file(cache_dir, "counts", data_cfg, tokenizer, n_docs=n_docs, seed=seed)
+            if cache_dir is not None and open_fn is open_from_config else None)
+    counts = _cached(path)
+    if counts is None:
+        V = len(tokenizer)
+        fast = fast_tokenizer(tokenizer)
+        counts = np.zeros(V, dtype=np.int64)
+        batch, seen = [], 0
+        for text in iter_texts(open_fn(data_cfg, seed=seed), data_cfg):
+            if not text.strip() or is_heldout(text, data_cfg.heldout_fraction):
+                continue
+            batch.append(text)
+            seen += 1
+            if len(batch) == 64 or seen >= n_docs:
+                ids = np.concatenate(encode(fast, batch))
+                counts += np.bincount(ids, minlength=V)[:V]
+                batch = []
+            if seen >= n_docs:
+                break
+        if batch:
+            counts += np.bincount(np.concatenate(encode(fast, batch)), minlength=V)[:V]
+        _cache_save(path, counts)
+    return torch.from_numpy(counts.astype(np.int64))
+
+
+# -- throughput -------------------------------------------------------------------------------
+def loader_throughput(source: str, tokenizer, seq_len: int = 512, micro: int = 16,
+                      seconds: float = 10.0, workers: int = 0, *, shuffle_buffer: int = 1024,
+                      prefetch: int = 2, masker=None, encoding_errors: str = "replace",
+                      text_field: str = "text") -> float:
+    """Tokens per second handed out by the trainer's loader (shards when ``source`` is a shard
+    directory, else the stream with ``workers`` tokenizer processes), after the first batch
+    (buffer fill, worker start-up). With ``masker`` the batches are also masked in the loader's
+    thread, as the trainer has them (``masker(ids, ones, k)``)."""
+    from ..config import DataConfig
+
+    cfg = DataConfig(source=source, max_seq_len=seq_len, shuffle_buffer=shuffle_buffer,
+                     encoding_errors=encoding_errors, text_field=text_field, prefetch=prefetch)
+    stream = open_pretrain_stream(cfg, tokenizer, micro, seed=0, workers=workers)
+    loader = BatchLoader(stream, prefetch, transform=None if masker is None else (
+        lambda ids, k: masker(ids, torch.ones_like(ids), k)))
+    try:
+        next(loader)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            next(loader)
+            n += 1
+        return n * micro * seq_len / (time.perf_counter() - t0)
+    finally:
+        loader.close()

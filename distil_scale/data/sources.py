@@ -1,8 +1,16 @@
 """Text sources: a hub dataset streamed with ``streaming=True``, or local txt/jsonl/parquet files
-read through the same datasets streaming builders, so resume uses one state_dict either way."""
+read through the same datasets streaming builders, so resume uses one state_dict either way.
+
+Ranks get disjoint sets of whole shards (files, or parquet row groups) whenever there are at
+least as many shards as ranks, so no rank downloads the corpus to keep one row in ``world``;
+only a corpus of fewer shards than ranks is split row by row. The order of the shards is
+shuffled by seed; rows within a shard keep their order, and the shuffle buffer that mixes them
+is ours (loader.py), because datasets' buffer is not part of its state_dict.
+"""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import random
 import zlib
@@ -49,7 +57,6 @@ def open_stream(source: str, *, config_name: str = "", split: str = "train",
                 encoding_errors: str = "strict"):
     """A datasets IterableDataset of {text_field: str} rows, sharded for ``rank`` of ``world``."""
     from datasets import load_dataset
-    from datasets.distributed import split_dataset_by_node
 
     src = resolve_source(source)
     if is_local(src):
@@ -80,9 +87,44 @@ def open_stream(source: str, *, config_name: str = "", split: str = "train",
             first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(f"data.source: cannot stream '{src}' ({first}); offline, point "
                             "data.source at a local txt/jsonl/parquet file or folder") from None
-    if world > 1:
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world)
-    return ds
+        ds = shuffle_shards(ds, seed)
+    return shard_for_rank(ds, rank, world)
+
+
+def shuffle_shards(ds, seed: int):
+    """The shards in a seeded order, rows within each in theirs. A shuffle buffer of one row
+    shuffles only the shard order and holds nothing between rows, so datasets' state_dict
+    stays exact; one input shard at a time keeps the rows of different shards apart."""
+    _quiet_empty_buffer_warning()
+    return ds.shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
+
+
+def shard_for_rank(ds, rank: int, world: int):
+    """Whole shards per rank when there are enough of them (disjoint for the whole run: the
+    per-epoch reshuffle of datasets then permutes a rank's own shards only); else every
+    world-th row."""
+    from datasets.distributed import split_dataset_by_node
+
+    if world <= 1:
+        return ds
+    if ds.num_shards < world and hasattr(ds, "reshard"):
+        ds = ds.reshard()  # parquet: one shard per row group
+    if ds.num_shards >= world:
+        return ds.shard(num_shards=world, index=rank, contiguous=False)
+    return split_dataset_by_node(ds, rank=rank, world_size=world)
+
+
+class _DropEmptyBufferWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shuffle buffer of a dataset without the buffer content" not in record.getMessage()
+
+
+def _quiet_empty_buffer_warning() -> None:
+    # datasets warns on every load_state_dict of a shuffled stream that the buffer was not
+    # saved; with a one-row buffer there is nothing in it between rows
+    lg = logging.getLogger("datasets.iterable_dataset")
+    if not any(isinstance(f, _DropEmptyBufferWarning) for f in lg.filters):
+        lg.addFilter(_DropEmptyBufferWarning())
 
 
 def is_heldout(text: str, fraction: float) -> bool:
@@ -115,3 +157,19 @@ def iter_texts(ds, data_cfg):
             raise UserError(f"data.text_field: rows of '{data_cfg.source}' have no field "
                             f"'{data_cfg.text_field}' (fields: {', '.join(row)})")
         yield text
+
+
+def source_fingerprint(source: str) -> list:
+    """What identifies a source's content cheaply: each local file's path, size and mtime (a
+    corpus edited in place gets a new fingerprint), or the hub id as given."""
+    src = resolve_source(source)
+    if not is_local(src):
+        return [src]
+    path = Path(src).expanduser()
+    if not path.exists():
+        return [src]
+    out = []
+    for f in _local_files(path):
+        st = os.stat(f)
+        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return out

