@@ -88,6 +88,12 @@ class DataConfig:
     prefetch: int = 2
     # a stream that raises mid-way (network) is retried this many times with backoff
     max_retries: int = 3
+    # processes tokenizing a text source (0: in the loader thread); prepared shards
+    # (launch/prepare_data.py) need none
+    tokenize_workers: int = 0
+    # where a text source's held-out eval set and token counts are kept once built, so a
+    # restart or resume does not read the corpus again ("": <run.output_dir>/cache)
+    cache_dir: str = ""
 
 
 @dataclass
@@ -195,6 +201,8 @@ class Config:
         _check(0 < self.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)")
         _check(self.data.eval_sequences >= 1, "data.eval_sequences", "must be >= 1")
         _check(self.data.prefetch >= 0, "data.prefetch", "must be >= 0")
+        _check(self.data.tokenize_workers >= 0, "data.tokenize_workers",
+               "must be >= 0 (0 tokenizes in the loader thread)")
         _check(self.student.n_layers >= 1, "student.n_layers", "must be >= 1")
         _check(self.student.dim >= 0, "student.dim", "must be >= 0 (0 = the teacher's width)")
         _check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")

@@ -56,3 +56,19 @@ def from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=_control)
     return box[0]
+
+
+def rank0_first(fn):
+    """``fn()`` on rank 0, then on the others, which read back what rank 0 built and cached
+    (the eval set, token counts) instead of each reading the corpus. A failure on rank 0 still
+    reaches the barrier, so the others meet the same error instead of waiting forever."""
+    if world_size() == 1:
+        return fn()
+    if rank() == 0:
+        try:
+            value = fn()
+        finally:
+            dist.barrier(group=_control)
+        return value
+    dist.barrier(group=_control)
+    return fn()

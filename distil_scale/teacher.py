@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cli import UserError
-from .data.loader import PretrainStream
+from .data.loader import open_pretrain_stream
 from .data.masking import DynamicMasker
 from .losses import gather_rows
 from .models import freeze, load_bert_mlm, resolve_model_path
@@ -155,7 +155,8 @@ def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, counts: torc
     from transformers import get_linear_schedule_with_warmup
 
     sched = get_linear_schedule_with_warmup(opt, max(1, tc.prepare_steps // 10), tc.prepare_steps)
-    stream = PretrainStream(cfg.data, tokenizer, tc.prepare_batch, seed=cfg.run.seed + 101)
+    stream = open_pretrain_stream(cfg.data, tokenizer, tc.prepare_batch,
+                                  seed=cfg.run.seed + 101, workers=cfg.data.tokenize_workers)
     masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed + 101, counts=counts)
     batches = fixed_eval_batches(eval_ids, make_eval_masker(tokenizer, cfg.masking),
                                  tc.prepare_batch)
@@ -180,6 +181,7 @@ def prepare_head(model, tokenizer, cfg, device, autocast, eval_ids, counts: torc
         opt.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == tc.prepare_steps:
             say(f"  teacher prep step {step}/{tc.prepare_steps}  mlm loss {loss.item():.3f}")
+    stream.close()  # its tokenizer processes, if any
     model.eval()
     loss1, acc1 = mlm_eval(fwd, batches, device, autocast)
     if not math.isfinite(loss1):

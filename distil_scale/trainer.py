@@ -22,9 +22,10 @@ from . import distributed
 from .checkpoint import CheckpointManager, load_torch, save_torch
 from .cli import UserError
 from .config import Config, ConfigError, dump_yaml
-from .data.loader import (BatchLoader, PretrainStream, StreamError, build_eval_set,
+from .data.loader import (BatchLoader, StreamError, build_eval_set, open_pretrain_stream,
                           scan_token_counts)
-from .distributed import barrier
+from .data.masking import MaskedBatch
+from .distributed import barrier, rank0_first
 from .engine import engine_class
 from .losses import LossWeights, distillation_loss
 from .metrics import (MetricsLogger, console_line, distill_flops_per_token, mfu_peak,
@@ -198,7 +199,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     # -- models and data ----------------------------------------------------------------------
     teacher_path = resolve_model_path(cfg.teacher.name_or_path)
     tokenizer = load_tokenizer(teacher_path)
-    eval_ids = build_eval_set(cfg.data, tokenizer, cfg.data.eval_sequences, seed=cfg.run.seed)
+    # The eval set and token counts of a text source are built by rank 0 and kept on disk: the
+    # other ranks, restarts and resumes read them back instead of streaming the corpus again.
+    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else out / "cache"
+    eval_ids = rank0_first(lambda: build_eval_set(
+        cfg.data, tokenizer, cfg.data.eval_sequences, seed=cfg.run.seed, cache_dir=cache_dir))
     cls = engine_class(cfg.parallel.backend)
     precision = cls.resolve_precision(cfg.train.precision, device, ds_config)
     if precision == "fp16" and device.type != "cuda":
@@ -210,7 +215,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     # token frequencies are read once, for whoever needs them first (a headless teacher's
     # unigram prior, frequency-smoothed masking)
     token_counts = functools.cache(lambda: scan_token_counts(
-        cfg.data, tokenizer, cfg.masking.count_docs, seed=cfg.run.seed))
+        cfg.data, tokenizer, cfg.masking.count_docs, seed=cfg.run.seed, cache_dir=cache_dir))
+    if cfg.masking.smoothing > 0:
+        rank0_first(token_counts)
     teacher_mlm, teacher_info = load_teacher(cfg, tokenizer, device, autocast, eval_ids,
                                              token_counts, is_main=is_main, barrier=barrier,
                                              say=say)
@@ -234,12 +241,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed,
                          counts=token_counts() if cfg.masking.smoothing > 0 else None)
     eval_batches = fixed_eval_batches(eval_ids, make_eval_masker(tokenizer, cfg.masking), micro)
-    stream = PretrainStream(cfg.data, tokenizer, micro, seed=cfg.run.seed, rank=rank,
-                            world=world)
-    loader = BatchLoader(stream, cfg.data.prefetch)
+    stream = open_pretrain_stream(cfg.data, tokenizer, micro, seed=cfg.run.seed, rank=rank,
+                                  world=world, workers=cfg.data.tokenize_workers)
+    first_step = [0]  # the step of the loader's first batch: 0, or where a resume starts
 
-    def stream_epoch() -> int:
-        return loader.snapshot()["epoch"]  # no deep copy of the buffers on the log path
+    def prepare_batch(ids: torch.Tensor, k: int) -> MaskedBatch:
+        # in the loader's thread: batch k of the loader belongs to step first + k // accum
+        mb = masker(ids, torch.ones_like(ids), first_step[0] + k // accum)
+        return mb.pin_memory() if device.type == "cuda" else mb
+
+    loader = BatchLoader(stream, cfg.data.prefetch, transform=prepare_batch)
 
     engine = cls(student, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                  adam_eps=cfg.train.adam_eps, warmup_steps=cfg.train.warmup_steps,
@@ -264,7 +275,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             say(f"resume: no complete checkpoint in {ckpts.root}; starting from step 0")
         else:
             d, st = found
-            start_step = st["step"]
+            start_step = first_step[0] = st["step"]
             loader.load_state_dict(st["data"])
             masker.load_state_dict(st["masker"])
             rng_at_start = st["rng"]  # restored just before the first step
@@ -364,24 +375,23 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             while step < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 wait = 0.0
-                step_start_data = loader.snapshot()
+                step_start = loader.mark()
                 step_loss = 0.0
                 for micro_i in range(accum):
                     tw = time.perf_counter()
                     failure = ""
                     try:
-                        ids = next(loader)
+                        mb = next(loader)
                     except StreamError as e:
                         failure = str(e)
                     # every rank learns of a dead stream before the next collective, and all of
                     # them checkpoint the start of this step (its micro-batches are read again)
                     if distributed.any_rank(bool(failure)):
-                        save_checkpoint(step, step_start_data)
+                        save_checkpoint(step, loader.state_dict(at=step_start))
                         raise TrainingError(
                             f"{failure or 'the data source failed on another rank'}; checkpoint "
                             f"saved at step {step}, resume with {resume_command or '--resume'}")
                     wait += time.perf_counter() - tw
-                    mb = masker(ids, torch.ones_like(ids), step)
                     with engine.accumulate(last=micro_i == accum - 1):
                         with engine.autocast():
                             loss, raw = distill_step(engine.module, teacher, mb, weights,
@@ -422,7 +432,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                     vals.update({
                         "optim/lr": engine.lr(), "optim/grad_norm": float(result.grad_norm),
                         "optim/skipped_steps": counters["skipped_total"],
-                        "data/sequences": counters["sequences"], "data/epoch": stream_epoch(),
+                        "data/sequences": counters["sequences"], "data/epoch": loader.epoch,
                         "perf/step_s": step_s, "perf/tokens_per_s": tps,
                         "perf/mfu": tps * flops_tok / (peak * world),
                         "perf/data_wait_pct": 100.0 * window_wait / window_t,

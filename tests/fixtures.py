@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WIKI = Path("/work/shared/data/wikipedia_sample/articles.jsonl")
+WIKI = REPO.parent / "shared" / "data" / "wikipedia_sample" / "articles.jsonl"
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 

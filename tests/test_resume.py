@@ -50,9 +50,9 @@ def reference(tmp_path_factory, tiny_teacher, corpus):
     return _train_rows(out)
 
 
-def test_sigkill_then_resume_is_exact(tmp_path, tiny_teacher, corpus, reference):
-    out = tmp_path / "r"
-    args = _args(tiny_teacher, corpus, out)
+def _kill_then_resume(args, out, reference):
+    """SIGKILL after the step-10 checkpoint, then --resume: every later step's loss is the
+    uninterrupted run's and every sequence is read once."""
     proc = _start(args)
     _wait_for(out / "checkpoints" / "step-00000010" / "COMPLETE", proc)
     proc.send_signal(signal.SIGKILL)
@@ -71,6 +71,28 @@ def test_sigkill_then_resume_is_exact(tmp_path, tiny_teacher, corpus, reference)
                                                          abs=1e-6, rel=0), step
         # exactly the sequences of the uninterrupted run: none repeated, none skipped
         assert rows[step]["data/sequences"] == reference[step]["data/sequences"] == step * 8
+
+
+def test_sigkill_then_resume_is_exact(tmp_path, tiny_teacher, corpus, reference):
+    out = tmp_path / "r"
+    _kill_then_resume(_args(tiny_teacher, corpus, out), out, reference)
+    # the eval set was built once, then read back from the run's cache on resume
+    assert len(list((out / "cache").glob("eval-*.npy"))) == 1
+
+
+def test_sigkill_then_resume_is_exact_on_prepared_shards(tmp_path, tiny_teacher, corpus):
+    from distil_scale.data.shards import PrepareConfig, prepare_shards
+
+    shards = tmp_path / "shards"
+    prepare_shards(PrepareConfig(source=str(corpus), tokenizer=str(tiny_teacher), seq_len=32,
+                                 shard_sequences=64, heldout_fraction=0.1), shards,
+                   say=lambda s: None)
+    ref = tmp_path / "ref"
+    r = run_launcher("pretrain.py", _args(tiny_teacher, shards, ref))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "r"
+    _kill_then_resume(_args(tiny_teacher, shards, out), out, _train_rows(ref))
+    assert not (out / "cache").exists()  # the shard directory holds its eval set and counts
 
 
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, tiny_teacher, corpus, reference):
