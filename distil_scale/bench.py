@@ -13,6 +13,10 @@ length), plus the vocabulary projections at the real positions where they are co
 (``metrics.head_flops_per_position``). The peak is a matmul measured on the same device and dtype
 in the same run (``metrics.measure_matmul_peak``; the best of two measurements, taken before and
 after the timed rounds).
+
+``--data`` measures the data loader alone instead (``data_bench``): tokens/s of the trainer's
+loader with masking, from prepared shards and from the streaming path, at seq 512 and micro 16,
+against what one H100 consumes at the paper's shapes (``H100_DEMAND_TOKENS_S``).
 """
 from __future__ import annotations
 
@@ -683,6 +687,108 @@ def report(res: dict, device: torch.device, say) -> str:
             f"MFU: {fast.mfu * 100:.1f}%")
 
 
+# -- the data loader alone (--data) -----------------------------------------------------------
+# Tokens/s one H100 consumes at the paper's shapes: BERT-base teacher forward + 6-layer student
+# forward/backward at seq 512, vocabulary projections at the 15 % masked positions (the fast
+# path) = metrics.distill_flops_per_token(BertConfig(), DistilBertConfig(n_layers=6), 512, 0.15)
+# = 2·(85.0M weights + 9.4M attention) + 0.15·48.1M head for the teacher, 3x the same for the
+# student's 6 layers: ~0.50 GFLOP per token; at 45 % MFU of the H100's bf16 dense peak
+# (989 TFLOP/s, SXM datasheet) that is 0.45 · 989e12 / 0.50e9 ~ 0.9M tokens/s per GPU.
+# (tests/test_bench.py recomputes it.) With logits at every position (~0.66 GFLOP/token) the
+# demand is lower, so this is the figure a loader has to meet.
+H100_DEMAND_TOKENS_S = 900_000
+DATA_MICRO = 16
+DATA_SEQ = 512
+
+
+def h100_demand_tokens_s(seq_len: int = DATA_SEQ, mfu: float = 0.45,
+                         peak_flops: float = 989e12, head_fraction: float = 0.15) -> float:
+    """The arithmetic behind ``H100_DEMAND_TOKENS_S`` (BERT-base -> 6-layer student)."""
+    from transformers import BertConfig, DistilBertConfig
+
+    from .metrics import distill_flops_per_token
+
+    per_token = distill_flops_per_token(BertConfig(), DistilBertConfig(n_layers=6), seq_len,
+                                        head_fraction)
+    return mfu * peak_flops / per_token
+
+
+def data_bench(args, tokenizer, say) -> int:
+    """Tokens/s of the trainer's loader at seq 512, micro 16, masking included, on two paths:
+    prepared shards (launch/prepare_data.py's format, read by ShardStream) and the streaming
+    path (tokenizing in ``--workers`` processes); no models."""
+    import tempfile
+
+    from .data.loader import is_shard_dir, loader_throughput
+    from .data.shards import PrepareConfig, prepare_shards
+
+    seq = DATA_SEQ
+    if args.seq:
+        try:
+            seq = int(args.seq)
+        except ValueError:
+            raise UserError(f"--seq: '{args.seq}'; --data takes one sequence length") from None
+    if seq < 16:
+        raise UserError(f"--seq: {seq}; use 16 or more")
+    if args.workers < 0:
+        raise UserError(f"--workers: {args.workers}; must be >= 0")
+    if not args.seconds > 0:
+        raise UserError(f"--seconds: {args.seconds}; must be > 0")
+    if is_shard_dir(args.source):
+        raise UserError(f"--source: '{args.source}' is a prepared shard directory; give it as "
+                        "--data-dir with the text it was prepared from as --source")
+    micro = DATA_MICRO
+    say(f"distil-scale bench --data: the trainer's data loader only (no models), seq {seq}, "
+        f"micro batch {micro}, {args.seconds:g} s per path, source {args.source}, "
+        f"tokenizer {TEACHER}")
+    tmp = None
+    if args.data_dir:
+        out = args.data_dir
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-shards-")
+        out = tmp.name
+    try:
+        t0 = time.perf_counter()
+        pc = PrepareConfig(source=args.source, tokenizer=TEACHER, seq_len=seq,
+                           encoding_errors="replace", seed=args.seed)
+        try:
+            m = prepare_shards(pc, out, workers=args.workers, say=say)
+        except UserError as e:  # prepare_data's flags, as this command spells them
+            raise UserError(str(e).replace("--out", "--data-dir")
+                            .replace("--seq-len", "--seq")) from None
+        say(f"  shards: {m['n_sequences']} sequences of {seq} tokens in '{out}' "
+            f"({time.perf_counter() - t0:.1f}s to prepare or open)")
+
+        def measure(source: str, workers: int) -> float:
+            masker = make_masker(tokenizer, MaskingConfig(), seed=args.seed)
+            return loader_throughput(source, tokenizer, seq_len=seq, micro=micro,
+                                     seconds=args.seconds, workers=workers, masker=masker)
+
+        shards = measure(out, 0)
+        streaming = measure(args.source, args.workers)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    demand = H100_DEMAND_TOKENS_S
+    say("")
+    say(f"{'path':<11}{'workers':>8}{'tokens/s':>12}  {'masked':<7}vs H100 demand {demand}")
+    say("-" * 66)
+    for name, workers, rate in (("shards", "-", shards),
+                                ("streaming", str(args.workers), streaming)):
+        verdict = "meets" if rate >= demand else "MISSES"
+        say(f"{name:<11}{workers:>8}{rate:>12.0f}  {'yes':<7}{verdict} ({rate / demand:.2f}x)")
+    say("")
+    say("  shards: pre-tokenized sequences read from memory-mapped .npy files in the loader's "
+        "thread (workers unused); streaming: source -> tokenize in worker processes -> pack "
+        "-> shuffle buffer; both masked per micro-batch as the training step does; the first "
+        "batch (buffer fill, worker start-up) is not timed")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    say(f"  machine load (1-min average) {load:.1f} on {os.cpu_count()} cores")
+    say(f"loader tokens/s: shards {shards:.0f}  streaming {streaming:.0f}  "
+        f"(H100 paper-shape demand ~{demand})")
+    return 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="launch/bench.py",
@@ -709,6 +815,21 @@ def parse_args(argv=None):
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # comma list of extra rows
     p.add_argument("--source", default=SOURCE, help="text for both paths (default: BBC news)")
     p.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group(
+        "data loader only (--data)",
+        "tokens/s of the trainer's loader, masking included, from prepared shards and from the "
+        "streaming path, against one H100's demand at the paper's shapes; no models")
+    d.add_argument("--data", action="store_true",
+                   help="measure the data loader only (seq 512, micro batch 16; --seq sets "
+                        "another length)")
+    d.add_argument("--data-dir", default="",
+                   help="shard directory: prepared there if new, reused if already prepared "
+                        "(default: a temporary one, prepared each run)")
+    d.add_argument("--workers", type=int, default=2,
+                   help="tokenizer processes of the streaming path and of the shard "
+                        "preparation (default 2)")
+    d.add_argument("--seconds", type=float, default=8.0,
+                   help="seconds measured per path (default 8)")
     return p.parse_args(argv)
 
 
@@ -725,6 +846,8 @@ def main(argv=None) -> int:
     say = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(teacher_path())
+    if args.data:
+        return data_bench(args, tokenizer, say)
     seqs = [int(s) for s in args.seq.split(",")] if args.seq else SHAPES[args.shapes]["seqs"]
     device = torch.device(args.device)
     say(f"distil-scale bench: shapes {args.shapes}, device {device} "

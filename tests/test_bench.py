@@ -111,3 +111,41 @@ def test_flops_match_metrics_helper_for_packed_rows():
     got = bench.Runner.flops(r, [32] * 4, 20)
     want = distill_flops_per_token(t, s, 32, 20 / 128) * 128
     assert got == pytest.approx(want, rel=1e-9)
+
+
+# -- --data: the loader alone ------------------------------------------------------------------
+DATA_LAST = re.compile(r"^loader tokens/s: shards (\d+)  streaming (\d+)  "
+                       r"\(H100 paper-shape demand ~900000\)$")
+
+
+def test_data_mode_measures_both_paths_on_real_text(tmp_path):
+    """--data on the BBC corpus, short: shards prepared into --data-dir (then reused), both
+    paths measured with masking, the documented last line."""
+    minilm_path()
+    args = ["--data", "--seconds", "0.5", "--seq", "128", "--workers", "1",
+            "--data-dir", str(tmp_path / "shards")]
+    r = run_launcher("bench.py", args, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    m = DATA_LAST.match(lines[-1])
+    assert m, lines[-1]
+    shards, streaming = map(int, m.groups())
+    assert shards > 0 and streaming > 0
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.startswith(("shards ", "streaming "))}
+    assert set(rows) == {"shards", "streaming"}
+    assert rows["streaming"][1] == "1" and rows["shards"][2] == str(shards)
+    assert all(cells[3] == "yes" for cells in rows.values())  # masked
+    assert all(cells[4] in ("meets", "MISSES") for cells in rows.values())
+    assert (tmp_path / "shards" / "manifest.json").is_file()
+    # a second run reuses the prepared directory; one with other arguments is refused
+    r = run_launcher("bench.py", args, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "already complete" in r.stdout and DATA_LAST.match(r.stdout.splitlines()[-1])
+    other = [a if a != "128" else "64" for a in args]
+    r = run_launcher("bench.py", other, timeout=300)
+    assert r.returncode != 0 and "--seq: " in r.stderr, r.stderr[-2000:]
+
+def test_h100_demand_constant_is_the_stated_arithmetic():
+    from distil_scale import bench
+
+    assert bench.h100_demand_tokens_s() == pytest.approx(bench.H100_DEMAND_TOKENS_S, rel=0.05)
