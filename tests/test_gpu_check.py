@@ -1,0 +1,154 @@
+"""launch/gpu_check.py without a GPU: the skip line, the whole orchestration on the CPU at tiny
+shapes (--cpu-smoke), the ZeRO accumulation check's numbers on CPU bf16, and the pieces that
+decide what a GPU run compares (profile copies, refusals, planned memory)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+
+import pytest
+
+from fixtures import PYTHON, REPO, run_env
+
+SCRIPT = str(REPO / "launch" / "gpu_check.py")
+SKIP_LINE = ("gpu_check: skipped: no CUDA device (torch.cuda.is_available() is False); "
+             "run it on a GPU machine")
+
+
+def no_cuda_env() -> dict:
+    return run_env(CUDA_VISIBLE_DEVICES="")  # a CPU machine, even where a GPU is present
+
+
+def md_table(text: str, section: str) -> list[dict]:
+    """The first markdown table under ``## section`` as one dict per row."""
+    body = text.split(f"## {section}\n", 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(body) if ln.startswith("|"))
+    lines = []
+    for ln in body[start:]:
+        if not ln.startswith("|"):
+            break
+        lines.append(ln)
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+
+
+def test_without_cuda_it_skips_with_the_reason_and_writes_nothing():
+    before = set((REPO / "docs").iterdir())
+    r = subprocess.run([PYTHON, SCRIPT], cwd=REPO, env=no_cuda_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == SKIP_LINE
+    assert set((REPO / "docs").iterdir()) == before
+
+
+def test_fp16_on_the_cpu_smoke_is_a_one_line_error():
+    r = subprocess.run([PYTHON, SCRIPT, "--cpu-smoke", "--precisions", "fp16"], cwd=REPO,
+                       env=no_cuda_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: --precisions: fp16 needs a CUDA device; use bf16 with "
+                      "--cpu-smoke"], r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_part_and_reports_it(tmp_path):
+    report = tmp_path / "r.md"
+    t0 = time.time()
+    r = subprocess.run([PYTHON, SCRIPT, "--cpu-smoke", "--out", str(report)], cwd=REPO,
+                       env=no_cuda_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert time.time() - t0 < 300
+    text = report.read_text()
+    assert "gpu_check: report" in r.stdout.splitlines()[-1]
+
+    cases = md_table(text, "Backends")
+    assert [(c["case"], c["precision"]) for c in cases] == [
+        ("plain", "bf16"), ("DDP x1", "bf16"), ("DeepSpeed rtx4070.json", "bf16")]
+    for c in cases:
+        assert c["status"] == "ok" and c["exit"] == "0", c
+        assert float(c["peak GiB"]) > 0 and float(c["planned GiB"]) > 0, c
+        assert math.isfinite(float(c["final loss"])) and c["losses finite"] == "yes", c
+        assert float(c["s/step"]) > 0 and float(c["tokens/s"].replace(",", "")) > 0, c
+
+    zero = md_table(text, "ZeRO-2 gradient accumulation precision")
+    assert len(zero) == 8  # 2 profiles x 2 precisions x (as shipped, without data_types)
+    for z in zero:
+        if z["precision"] == "fp16":
+            assert z["verdict"].startswith("skipped: "), z  # DeepSpeed refuses fp16 on CPU
+        else:
+            assert re.fullmatch(r"\d\.\d\de[-+]\d\d", z["relative error"]), z
+    bench = text.split("## Bench\n", 1)[1]
+    assert "launch/bench.py --shapes tiny" in bench and "fast/reference tokens/s:" in bench
+
+
+def test_zero_accumulation_error_on_cpu_bf16():
+    """In a process of its own: DeepSpeed's process group must not outlive the check."""
+    code = (
+        "import json, sys\n"
+        "from distil_scale.gpu_check import zero_grad_accum_error\n"
+        "ds = json.load(open(sys.argv[1]))\n"
+        "shipped = {k: ds[k] for k in ('zero_optimization', 'data_types') if k in ds}\n"
+        "bare = {'zero_optimization': ds['zero_optimization']}\n"
+        "print(json.dumps([zero_grad_accum_error(shipped, 'bf16', 'cpu'),\n"
+        "                  zero_grad_accum_error(bare, 'bf16', 'cpu')]))\n")
+    r = subprocess.run([PYTHON, "-c", code, str(REPO / "ds_configs" / "rtx4070.json")],
+                       cwd=REPO, env=no_cuda_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    shipped, bare = json.loads(r.stdout.strip().splitlines()[-1])
+    # the shipped profile accumulates in fp32 (data_types.grad_accum_dtype): only fp32 rounding
+    assert shipped < 1e-4, shipped
+    # DeepSpeed's default accumulates in bf16: ~1e-2 over 64 micro-batches (measured 8.2e-3)
+    assert bare > 1e-3, bare
+
+
+def test_profile_copies_change_only_the_precision_switches(tmp_path):
+    from distil_scale.gpu_check import SMOKE, Ctx, profile_json
+
+    ctx = Ctx(SMOKE, True, tmp_path, "t", "s", 0.0, 1.0, {}, 1.0)
+    for profile in ("rtx4070", "v100x8"):
+        shipped = json.loads((REPO / "ds_configs" / f"{profile}.json").read_text())
+        for precision, other in (("bf16", "fp16"), ("fp16", "bf16")):
+            got = json.loads(profile_json(ctx, profile, precision).read_text())
+            assert got[precision]["enabled"] is True
+            assert other not in got or got[other]["enabled"] is False
+            for key in set(shipped) - {"bf16", "fp16"}:
+                assert got[key] == shipped[key], (profile, key)
+            if "fp16" in shipped:  # the loss-scale settings travel with the switch
+                assert got["fp16"]["initial_scale_power"] == shipped["fp16"][
+                    "initial_scale_power"]
+
+
+def test_refusals_are_read_from_plain_and_torchrun_output():
+    from distil_scale.gpu_check import CASES, CaseResult, refusal_line
+
+    line = "train.precision: fp16 is not supported with parallel.backend=fsdp here; use bf16"
+    assert refusal_line(f"noise\nerror: {line}\nTraceback...") == line
+    assert refusal_line(f"[rank0]: error: {line}") == line
+    assert refusal_line("error: 5 non-finite steps in a row at step 4") == ""  # not a refusal
+    fsdp = CaseResult(CASES["fsdp"], "fp16", status="refused", detail=line)
+    assert not fsdp.failed  # FSDP2 refusing fp16 is the code's own guard
+    assert CaseResult(CASES["plain"], "fp16", status="refused", detail=line).failed
+
+
+def test_planned_memory_at_gpu_shapes(tmp_path):
+    """The planner's numbers for the GPU cases (bert-base-uncased's config is built in, so
+    nothing is downloaded): the offloading profile plans less than the one that keeps AdamW
+    on the GPU, and everything fits the smallest GPU the profiles name."""
+    from distil_scale.gpu_check import (BBC, CASES, GPU, Ctx, case_command, overrides,
+                                        planned_gib)
+
+    ctx = Ctx(GPU, False, tmp_path, "bert-base-uncased", BBC, 0.0, 1.0, {}, 80.0)
+    plan = {}
+    for key in ("plain", "fsdp", "rtx4070", "v100x8"):
+        for precision in ("bf16", "fp16"):
+            out = tmp_path / f"{key}-{precision}"
+            _, ds_path = case_command(ctx, CASES[key], precision, out)
+            plan[key, precision] = planned_gib(
+                ctx, overrides(ctx, CASES[key], precision, out), ds_path)
+    assert all(1.0 < v < 12.0 for v in plan.values()), plan
+    for precision in ("bf16", "fp16"):
+        assert plan["rtx4070", precision] < plan["v100x8", precision], plan
