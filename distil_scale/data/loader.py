@@ -466,18 +466,25 @@ def _cache_save(path: Path | None, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _prepared_or_cached(data_cfg, tokenizer, read_prepared, kind: str, cache_dir, open_fn,
+                        **key) -> tuple[np.ndarray | None, Path | None]:
+    """(what a shard directory holds, or a cached entry, or None; the entry's path)."""
+    if is_shard_dir(data_cfg.source):
+        return read_prepared().numpy(), None
+    _refuse_unfinished(data_cfg.source)
+    path = (_cache_file(cache_dir, kind, data_cfg, tokenizer, **key)
+            if cache_dir is not None and open_fn is open_from_config else None)
+    return _cached(path), path
+
+
 def build_eval_set(data_cfg, tokenizer, n: int, *, seed: int = 0, open_fn=open_from_config,
                    cache_dir=None) -> torch.Tensor:
     """The first ``n`` packed sequences of held-out documents (the same on every rank): a shard
     directory's heldout.npy, or read from the stream once and kept under ``cache_dir``."""
-    if is_shard_dir(data_cfg.source):
-        from .shards import read_heldout
+    from .shards import read_heldout
 
-        return read_heldout(data_cfg, tokenizer, n)
-    _refuse_unfinished(data_cfg.source)
-    path = (_cache_file(cache_dir, "eval", data_cfg, tokenizer, n=n, seed=seed)
-            if cache_dir is not None and open_fn is open_from_config else None)
-    arr = _cached(path)
+    arr, path = _prepared_or_cached(data_cfg, tokenizer, lambda: read_heldout(
+        data_cfg, tokenizer, n), "eval", cache_dir, open_fn, n=n, seed=seed)
     if arr is None:
         fast = fast_tokenizer(tokenizer)
         packer = Packer(data_cfg.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
@@ -502,14 +509,10 @@ def scan_token_counts(data_cfg, tokenizer, n_docs: int, *, seed: int = 0,
                       open_fn=open_from_config, cache_dir=None) -> torch.Tensor:
     """Token frequencies over the first ``n_docs`` training documents (a shard directory's
     token_counts.npy counts all of them), kept under ``cache_dir`` when given."""
-    if is_shard_dir(data_cfg.source):
-        from .shards import read_token_counts
+    from .shards import read_token_counts
 
-        return read_token_counts(data_cfg, tokenizer)
-    _refuse_unfinished(data_cfg.source)
-    path = (_cache_file(cache_dir, "counts", data_cfg, tokenizer, n_docs=n_docs, seed=seed)
-            if cache_dir is not None and open_fn is open_from_config else None)
-    counts = _cached(path)
+    counts, path = _prepared_or_cached(data_cfg, tokenizer, lambda: read_token_counts(
+        data_cfg, tokenizer), "counts", cache_dir, open_fn, n_docs=n_docs, seed=seed)
     if counts is None:
         V = len(tokenizer)
         fast = fast_tokenizer(tokenizer)
