@@ -30,6 +30,7 @@ from .engine import engine_class
 from .losses import LossWeights, distillation_loss
 from .metrics import (MetricsLogger, console_line, distill_flops_per_token, mfu_peak,
                       peak_memory_gib)
+from .model_card import write_card
 from .models import (StudentForDistillation, TeacherForDistillation, build_student,
                      load_tokenizer, resolve_model_path)
 from .teacher import fixed_eval_batches, load_teacher, make_eval_masker, make_masker, mlm_eval
@@ -362,6 +363,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     acc_terms: dict[str, torch.Tensor] = {}
     window_t, window_wait, window_steps = 0.0, 0.0, 0
     last_eval = None
+    last_log: dict = {}  # the last logged window's losses, for the model card
     step = start_step
     engine.module.train()
     # Nothing may draw from the global generators between here and the first step: a resumed
@@ -440,6 +442,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                     metrics.log(step, vals)
                     bar.write(console_line(step, cfg.train.max_steps, vals)) if is_main else None
                     bar.set_postfix(loss=f"{vals['loss/total']:.3f}")
+                    last_log = {"losses": {k: v for k, v in vals.items()
+                                           if k.startswith("loss/")},
+                                "loss_window": [step - window_steps + 1, step]}
                     acc_terms, window_t, window_wait, window_steps = {}, 0.0, 0.0, 0
                 if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                     last_eval = evaluate(step)
@@ -475,6 +480,14 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     else:
         say(f"done: student held-out masked-token accuracy {acc_end:.1%} "
             f"(teacher {t_eval[1]:.1%}) in {summary['wall_s']:.0f}s")
-    say(f"export: {export_dir} (DistilBertForMaskedLM.from_pretrained / pipeline('fill-mask'))")
+    if is_main and full is not None:
+        dump_yaml(cfg, export_dir / "training_args.yaml")
+        write_card(export_dir, cfg, {
+            **summary, **last_log, "start_step": start_step, "layers": layer_map,
+            "n_layers": student_mlm.config.n_layers, "dim": student_mlm.config.dim,
+            "params": n_s, "precision": precision, "backend": engine.name, "world": world,
+            "accum": accum, "export_dir": str(export_dir)})
+    say(f"export: {export_dir} (DistilBertForMaskedLM.from_pretrained / pipeline('fill-mask'); "
+        "model card README.md, training_args.yaml)")
     metrics.close()
     return summary

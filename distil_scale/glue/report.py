@@ -1,6 +1,8 @@
 """A markdown table of GLUE runs beside the paper's BERT-base and DistilBERT columns, and a PNG
 bar chart. Scores are the task's main metric × 100 (CoLA MCC, MRPC/QQP F1, STS-B Spearman, the
-rest accuracy; MNLI matched), each with the majority-class baseline of the same run."""
+rest accuracy; MNLI matched), each with the majority-class baseline of the same run. A run whose
+model is a pretraining export with its model card gets its score into the card's ``## GLUE``
+section."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..cli import UserError
+from ..model_card import get_section, is_distil_scale_card, update_section
 from .tasks import DISPLAY, PAPER_ORDER, get_task
 
 # DistilBERT paper (Sanh et al. 2019), Table 1, GLUE dev sets, medians of 5 seeds.
@@ -118,6 +121,51 @@ def build_table(runs: list[dict]) -> tuple[str, dict]:
                                              for c, d in cols.items()}
 
 
+GLUE_NOTE = ("Scores ×100 on each run's report split (dev: the official dev set; carved: the "
+             "carved test split), median over seeds; `majority`: always predicting the training "
+             "set's majority class (STS-B: its mean), same split. Written by `launch/report.py`.")
+GLUE_HEAD = ("task", "metric", "score", "majority", "protocol", "mode", "seeds")
+
+
+def card_rows(r: dict) -> tuple[str, ...]:
+    task = get_task(r["task"]).name
+    m = r["main_metric"]
+    return (DISPLAY[task], m + (" (m)" if task == "mnli" else ""), f"{100 * r['metrics'][m]:.1f}",
+            f"{100 * r['majority_baseline'].get(m, float('nan')):.1f}", str(r["protocol"]),
+            str(r.get("mode", "finetune")), str(len(r["seeds"]) if "seeds" in r else 1))
+
+
+def update_model_cards(runs: list[dict]) -> list[Path]:
+    """Each run whose model is a directory holding a distil-scale model card: its row goes into
+    the card's ``## GLUE`` table (one row per task, protocol and mode; the others are kept)."""
+    by_card: dict[Path, list[dict]] = {}
+    for r in runs:
+        card = Path(str(r["model"])).expanduser() / "README.md"
+        if card.is_file():
+            by_card.setdefault(card.resolve(), []).append(r)
+    order = {DISPLAY[t]: i for i, t in enumerate(PAPER_ORDER)}
+    updated = []
+    for card, rs in by_card.items():
+        text = card.read_text(encoding="utf-8")
+        if not is_distil_scale_card(text):
+            continue
+        rows: dict[tuple, tuple] = {}
+        for line in (get_section(text, "GLUE") or "").splitlines():
+            cells = tuple(c.strip() for c in line.strip().strip("|").split("|"))
+            if len(cells) == len(GLUE_HEAD) and cells[0] in order:
+                rows[cells[0], cells[4], cells[5]] = cells
+        for r in rs:
+            row = card_rows(r)
+            rows[row[0], row[4], row[5]] = row
+        table = ["| " + " | ".join(GLUE_HEAD) + " |", "|" + "---|" * len(GLUE_HEAD)]
+        table += ["| " + " | ".join(row) + " |"
+                  for _, row in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1:]))]
+        card.write_text(update_section(text, "GLUE", "\n".join([GLUE_NOTE, "", *table])),
+                        encoding="utf-8")
+        updated.append(card)
+    return updated
+
+
 def bar_chart(numbers: dict, path: Path) -> None:
     import matplotlib
 
@@ -165,4 +213,6 @@ def report_main(argv: Optional[list[str]] = None) -> int:
     bar_chart(numbers, out / "report.png")
     print(md)
     print(f"wrote {out / 'report.md'} and {out / 'report.png'}")
+    for card in update_model_cards(runs):
+        print(f"updated the GLUE section of {card}")
     return 0
