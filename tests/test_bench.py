@@ -149,3 +149,127 @@ def test_h100_demand_constant_is_the_stated_arithmetic():
     from distil_scale import bench
 
     assert bench.h100_demand_tokens_s() == pytest.approx(bench.H100_DEMAND_TOKENS_S, rel=0.05)
+
+
+# -- --inference: the paper's Table 3 ----------------------------------------------------------
+from conftest import SHARED  # noqa: E402
+
+STSB_DEV = SHARED / "data" / "glue" / "STS-B" / "dev.tsv"
+needs_stsb = pytest.mark.skipif(not STSB_DEV.is_file(),
+                                reason=f"STS-B dev set absent ({STSB_DEV}); see shared/data")
+INFER_LAST = re.compile(r"^student/teacher: params (\d+\.\d\d)  batch-1 speed (\d+\.\d\d)x  "
+                        r"batch-(\d+) speed (\d+\.\d\d)x$")
+
+
+def inference_table(lines: list[str]) -> dict[str, list[float]]:
+    """{teacher|student: [params M, batch-1 pass s, sent/s b1, sent/s bN]} from the table."""
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("model "))
+    assert re.fullmatch(r"model +params \(M\) +batch-1 pass s \(\d+\) +sent/s b1 +sent/s b\d+",
+                        lines[head]), lines[head]
+    assert set(lines[head + 1]) == {"-"}
+    rows = {}
+    for ln in lines[head + 2:]:
+        if not ln.strip():
+            break
+        cells = ln.split()
+        rows[cells[0]] = [float(c) for c in cells[1:]]
+    assert list(rows) == ["teacher", "student"]
+    return rows
+
+
+@needs_stsb
+def test_inference_paper_shapes_table_and_ratio_line():
+    """Default shapes (bert-base and 6-layer DistilBERT, random weights, classification heads)
+    on the first 8 STS-B dev pairs: exact parameter counts, a parseable table and ratio line,
+    the paper's figures beside them, load and thread count printed."""
+    minilm_path()  # the tokenizer; skips when absent
+    r = run_launcher("bench.py", ["--inference", "--limit", "8", "--batch", "4"], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert "the first 8 of 1500 sentence pairs" in lines[0]
+    assert "fp32, eager attention" in lines[0] and "(1 threads)" in lines[0]
+    rows = inference_table(lines)
+    head = next(ln for ln in lines if ln.startswith("model "))
+    assert "(8)" in head and head.split()[-1] == "b4"
+    t, s = rows["teacher"], rows["student"]
+    # BertForSequenceClassification(BertConfig(num_labels=1)): 109,483,009 parameters;
+    # DistilBertForSequenceClassification(DistilBertConfig(n_layers=6, num_labels=1)):
+    # 66,954,241 (66.4M encoder + the 0.6M pre-classifier)
+    assert t[0] == pytest.approx(109.48, abs=0.01) and s[0] == pytest.approx(66.95, abs=0.01)
+    for cells in rows.values():
+        assert all(v > 0 for v in cells[1:])
+        # sent/s = pairs / pass s (the table rounds ~0.3 s to 2 decimals: a few % apart)
+        assert cells[2] == pytest.approx(8 / cells[1], rel=0.05)
+    m = INFER_LAST.match(lines[-1])
+    assert m, lines[-1]
+    p_ratio, speed1, batch, speed_b = m.groups()
+    assert float(p_ratio) == pytest.approx(66.95 / 109.48, abs=0.006) and batch == "4"
+    assert float(speed1) == pytest.approx(t[1] / s[1], rel=0.05)  # from the rounded table
+    assert float(speed_b) == pytest.approx(s[3] / t[3], rel=0.05)
+    text = r.stdout
+    assert re.search(r"^paper \(Table 3.*BERT-base 110M 668 s, DistilBERT 66M 410 s.*"
+                     r"params 0\.60, batch-1 speed 1\.63x", text, re.M)
+    assert re.search(r"^  machine load \(1-min average\) \d+\.\d -> \d+\.\d on \d+ cores, "
+                     r"1 torch threads", text, re.M)
+    assert re.search(r"^  ONNX: ", text, re.M)
+
+
+@needs_stsb
+def test_inference_times_given_checkpoints(tmp_path, tiny_teacher):
+    """--teacher/--student DIR: saved checkpoints (an MLM teacher, a DistilBERT student) timed
+    with sequence-classification heads; their parameter counts in the table."""
+    from transformers import (AutoModelForSequenceClassification, DistilBertConfig,
+                              DistilBertForMaskedLM)
+
+    torch.manual_seed(0)
+    student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=30522, dim=64, hidden_dim=256,
+                                                     n_layers=2, n_heads=4,
+                                                     max_position_embeddings=128))
+    student.save_pretrained(tmp_path / "student")
+    r = run_launcher("bench.py", ["--inference", "--limit", "5", "--teacher", str(tiny_teacher),
+                                  "--student", str(tmp_path / "student")], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert f"from '{tiny_teacher}'" in r.stdout and "2 layers x 64" in r.stdout
+    rows = inference_table(lines)
+    for role, path in (("teacher", tiny_teacher), ("student", tmp_path / "student")):
+        want = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1).parameters()) / 1e6
+        assert rows[role][0] == pytest.approx(want, abs=0.005), role
+    m = INFER_LAST.match(lines[-1])
+    assert m and m.group(3) == "32", lines[-1]
+
+
+def test_inference_argument_errors(tmp_path):
+    """Refused before any model is built: a GLUE directory without STS-B, --limit < 0, a flag
+    of --inference without it, --data with --inference."""
+    from distil_scale import bench
+    from distil_scale.cli import UserError
+
+    with pytest.raises(UserError, match="STS-B/dev.tsv"):
+        bench.stsb_pairs(str(tmp_path))
+    minilm_path()
+    cases = [(["--inference", "--glue-dir", str(tmp_path)], "--glue-dir: no "),
+             (["--inference", "--limit", "-1"], "--limit: -1"),
+             (["--teacher", str(tmp_path)], "--teacher: only with --inference"),
+             (["--inference", "--data"], "choose one")]
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    try:
+        for args, msg in cases:
+            with pytest.raises(UserError, match=re.escape(msg)):
+                bench.main.__wrapped__(args)
+    finally:  # main quiets transformers for the whole process
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+@needs_stsb
+def test_stsb_pairs_reads_the_dev_set():
+    from distil_scale import bench
+
+    pairs = bench.stsb_pairs(str(SHARED / "data" / "glue"))
+    assert len(pairs) == 1500 and all(a and b for a, b in pairs)
+    assert pairs[0] == ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.")
+    assert bench.stsb_pairs(str(SHARED / "data" / "glue"), 3) == pairs[:3]
