@@ -195,6 +195,11 @@ def summarise(res: dict) -> dict:
     return rows
 
 
+def _cells_wall(res: dict) -> float:
+    return (sum(c["wall_s"] for c in res["pretrain"].values())
+            + sum(c["wall_s"] for cells in res["glue"].values() for c in cells.values()))
+
+
 def render(res: dict, rows: dict, command: str) -> str:
     from .glue.tasks import get_task
 
@@ -226,8 +231,8 @@ def render(res: dict, rows: dict, command: str) -> str:
     return "\n".join([
         "# A miniature DistilBERT study",
         "",
-        f"`{command}`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()}-core CPU, "
-        f"{res['wall_s'] / 60:.0f} min for the cells run this time.",
+        f"`{command}`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()}-core CPU: the cells "
+        f"took {_cells_wall(res) / 60:.0f} min of wall time (each cell's own time, summed).",
         "",
         f"Teacher: the demo's all-MiniLM-L6-v2 with its fitted MLM head ({pre['teacher_acc']:.1%} "
         f"held-out masked-token accuracy). Students: 3-layer DistilBERT, {b['steps']} "
