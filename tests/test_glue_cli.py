@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distil_scale.glue.testing import make_tiny_model, write_fixture
+from glue_fixtures import make_tiny_model, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -9,7 +9,7 @@ from distil_scale.config import ConfigError
 from distil_scale.glue.config import load_glue_config
 from distil_scale.glue.data import Example, carve, make_splits, read_local, read_tsv
 from distil_scale.glue.tasks import TASKS, get_task
-from distil_scale.glue.testing import write_fixture
+from glue_fixtures import write_fixture
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 

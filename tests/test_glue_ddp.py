@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distil_scale.glue.testing import make_tiny_model, write_fixture
+from glue_fixtures import make_tiny_model, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 

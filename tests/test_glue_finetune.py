@@ -18,7 +18,7 @@ from distil_scale.glue.modeling import load_teacher, student_from_teacher
 from distil_scale.glue.report import report_main
 from distil_scale.glue.runner import finetune
 from distil_scale.glue.tasks import TASKS
-from distil_scale.glue.testing import make_tiny_model, write_fixture
+from glue_fixtures import make_tiny_model, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
