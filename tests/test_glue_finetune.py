@@ -128,10 +128,11 @@ def test_distill_loss_matches_hand_computation():
 def test_student_from_teacher_layers(rte_teacher):
     teacher = load_teacher(str(rte_teacher[0]), TASKS["rte"])
     student, layers = student_from_teacher(teacher, [], "teacher-layers", seed=0)
-    assert layers == [0, 2] and student.config.num_hidden_layers == 2
+    # half the depth, spread as pretraining spreads it (models.even_layer_map: 4 -> 0, 3)
+    assert layers == [0, 3] and student.config.num_hidden_layers == 2
     sd_t, sd_s = teacher.state_dict(), student.state_dict()
     for k, v in sd_s.items():
-        src = k.replace("layer.1.", "layer.2.") if ".layer.1." in k else k
+        src = k.replace("layer.1.", "layer.3.") if ".layer.1." in k else k
         assert torch.equal(v, sd_t[src]), k
     rnd, _ = student_from_teacher(teacher, [1, 3], "random", seed=0)
     assert not torch.equal(rnd.state_dict()["bert.encoder.layer.0.attention.self.query.weight"],
@@ -143,7 +144,7 @@ def test_distill_task_runs_from_finetuned_teacher(rte_teacher, tiny_mlm, glue_di
     r = distill_task(TASKS["rte"], str(teacher_dir), "init:teacher-layers",
                      cfg_for("rte", glue_dir, tmp_path / "a", "train.epochs=1",
                              "distill.alpha_cos=1.0"))
-    assert r["mode"] == "distill" and r["model_info"]["teacher_layers"] == [0, 2]
+    assert r["mode"] == "distill" and r["model_info"]["teacher_layers"] == [0, 3]
     assert set(r["teacher_metrics"]) == {"accuracy"}
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     for k in FIELDS:

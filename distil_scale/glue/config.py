@@ -70,7 +70,7 @@ class GlueDistillConfig:
     temperature: float = 2.0
     alpha_cos: float = 0.0
     # --student init:teacher-layers / init:random: which teacher layers the student keeps;
-    # empty: every other layer (0, 2, 4, ...)
+    # empty: half the teacher's layers, spread as in pretraining (0,2,4,7,9,11 of 12)
     student_layers: list[int] = field(default_factory=list)
 
 

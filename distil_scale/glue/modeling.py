@@ -149,16 +149,20 @@ _LAYER = re.compile(r"^(.*\.(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
 def student_from_teacher(teacher, layers: Optional[list[int]], init: str, seed: int):
     """A student of the teacher's class and width with fewer layers.
 
-    ``init='teacher-layers'`` copies the embeddings, the chosen layers (default every other
-    layer: 0, 2, 4, ...) and the head; ``init='random'`` keeps the architecture, fresh weights.
+    ``init='teacher-layers'`` copies the embeddings, the chosen layers and the head;
+    ``init='random'`` keeps the architecture, fresh weights. By default half the teacher's depth,
+    spread as pretraining spreads it (``models.even_layer_map``: 0,2,4,7,9,11 of 12, as the
+    DistilBERT paper; 0,2,5 of 6), so a task-distilled student and a pretrained one match.
     """
+    from ..models import even_layer_map
+
     import copy
 
     import torch
 
     n_t = num_layers(teacher.config)
     if not layers:
-        layers = list(range(0, n_t, 2))
+        layers = even_layer_map(n_t, (n_t + 1) // 2)
     bad = [i for i in layers if i >= n_t]
     if bad:
         raise UserError(f"distill.student_layers: teacher has {n_t} layers (0..{n_t - 1}); "
