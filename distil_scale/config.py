@@ -54,12 +54,20 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    init: Literal["teacher", "random"] = "teacher"
+    # "teacher": copy the teacher's weights (same width); "truncate": a narrower student takes
+    # the leading rows/columns of each teacher tensor; "random": stock initialisation
+    init: Literal["teacher", "random", "truncate"] = "teacher"
+    # the student's model family: "auto" = the teacher family's default student (BERT ->
+    # DistilBERT, the teacher's own family otherwise); "distilbert" can be cut from any
+    # BERT-shaped teacher (bert, roberta, xlm-roberta, electra, distilbert)
+    family: Literal["auto", "bert", "distilbert", "roberta", "xlm-roberta", "electra",
+                    "deberta-v2"] = "auto"
     n_layers: int = 3
     # teacher layers copied into the student, one per student layer; empty: spread evenly
     # (12 -> 6 gives the paper's 0,2,4,7,9,11)
     layers: list[int] = field(default_factory=list)
-    # hidden width; 0 = the teacher's (needed for teacher init and the cosine term)
+    # hidden width; 0 = the teacher's. A narrower student reaches the teacher's width through a
+    # learned projection for the hidden-state terms (trained, not exported)
     dim: int = 0
     dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -120,6 +128,16 @@ class LossConfig:
     # --restrict_ce_to_mask is off by default); "masked": KL only where the MLM loss reads,
     # which computes vocabulary logits at ~15 % of the positions
     kl_positions: Literal["masked", "all"] = "all"
+    # MiniLMv2 self-attention relations (q-q, k-k, v-v) between this teacher layer (-1: the
+    # last) and the student's last layer, in attn_rel_heads relation heads (0: the teacher's
+    # head count; must divide both widths)
+    alpha_attn_rel: float = 0.0
+    attn_rel_heads: int = 0
+    attn_rel_teacher_layer: int = -1
+    # hidden-state MSE over non-padding tokens (TinyBERT): "last" layer, or "mapped": every
+    # student layer against the teacher layer it was copied from (student.layers)
+    alpha_hidden_mse: float = 0.0
+    hidden_mse_layers: Literal["last", "mapped"] = "last"
 
 
 @dataclass
@@ -187,10 +205,14 @@ class Config:
         _check(all(f >= 0 for f in fr) and abs(sum(fr) - 1) < 1e-6, "masking.mask_frac",
                f"mask_frac + random_frac + keep_frac must be 1 with none negative (got {fr})")
         _check(self.masking.smoothing >= 0, "masking.smoothing", "must be >= 0")
-        for k in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse"):
+        alphas = ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse", "alpha_attn_rel",
+                  "alpha_hidden_mse")
+        for k in alphas:
             _check(getattr(self.loss, k) >= 0, f"loss.{k}", "must be >= 0")
-        _check(self.loss.alpha_ce + self.loss.alpha_mlm + self.loss.alpha_cos
-               + self.loss.alpha_mse > 0, "loss.alpha_ce", "at least one loss weight must be > 0")
+        _check(sum(getattr(self.loss, k) for k in alphas) > 0, "loss.alpha_ce",
+               "at least one loss weight must be > 0")
+        _check(self.loss.attn_rel_heads >= 0, "loss.attn_rel_heads",
+               "must be >= 0 (0 = the teacher's attention head count)")
         for k in ("max_steps", "global_batch", "micro_batch", "log_every", "eval_every",
                   "max_nonfinite_steps"):
             _check(getattr(self.train, k) > 0, f"train.{k}", "must be > 0")
@@ -205,6 +227,9 @@ class Config:
                "must be >= 0 (0 tokenizes in the loader thread)")
         _check(self.student.n_layers >= 1, "student.n_layers", "must be >= 1")
         _check(self.student.dim >= 0, "student.dim", "must be >= 0 (0 = the teacher's width)")
+        _check(self.student.init != "truncate" or self.student.dim > 0, "student.init",
+               "truncate takes the leading rows/columns for a narrower student; set "
+               "student.dim, or use student.init=teacher")
         _check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         _check(self.teacher.prepare_steps >= 0, "teacher.prepare_steps", "must be >= 0")

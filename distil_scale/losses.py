@@ -1,4 +1,5 @@
-"""DistilBERT's triple objective (plus optional logit MSE).
+"""DistilBERT's triple objective, plus optional logit MSE, hidden-state MSE (TinyBERT) and
+MiniLMv2's self-attention relations.
 
 Every term is returned raw (unweighted) and the total is the weighted sum, so a run's metrics
 show what each term does regardless of its weight. Terms are computed in fp32 whatever the
@@ -6,7 +7,9 @@ autocast dtype: softmax over 30K classes in bf16 loses the small probabilities K
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +22,21 @@ class LossWeights:
     alpha_cos: float = 1.0
     alpha_mse: float = 0.0
     temperature: float = 2.0
+    alpha_attn_rel: float = 0.0
+    alpha_hidden_mse: float = 0.0
+    # relation heads q/k/v are split into (must divide both widths); 0 = unresolved, see
+    # from_config
+    attn_rel_heads: int = 0
+    hidden_mse_layers: str = "last"  # "last", or "mapped": every student layer
 
     @classmethod
-    def from_config(cls, c) -> "LossWeights":
-        return cls(c.alpha_ce, c.alpha_mlm, c.alpha_cos, c.alpha_mse, c.temperature)
+    def from_config(cls, c, teacher_heads: int = 0) -> "LossWeights":
+        """``teacher_heads``: the teacher's attention head count, which ``loss.attn_rel_heads``
+        = 0 stands for (``models.relation_heads`` resolves it the same way)."""
+        return cls(c.alpha_ce, c.alpha_mlm, c.alpha_cos, c.alpha_mse, c.temperature,
+                   getattr(c, "alpha_attn_rel", 0.0), getattr(c, "alpha_hidden_mse", 0.0),
+                   getattr(c, "attn_rel_heads", 0) or teacher_heads,
+                   getattr(c, "hidden_mse_layers", "last"))
 
 
 def soft_target_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -57,25 +71,112 @@ def logit_mse(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(s_logits.float(), t_logits.float(), reduction="sum") / s_logits.shape[0]
 
 
-def distillation_loss(s_hidden, t_hidden, s_logits, t_logits, labels, real,
-                      mlm_rows, w: LossWeights) -> tuple[torch.Tensor, dict]:
+def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference over the non-padding tokens ``keep`` and the features (TinyBERT's
+    MSELoss on hidden states, without the padding)."""
+    keep = keep.bool() if keep.dim() == 2 else keep
+    return F.mse_loss(gather_rows(h_s, keep).float(), gather_rows(h_t, keep).float())
+
+
+def key_mask(real: torch.Tensor, shape) -> torch.Tensor:
+    """(B, L) bool mask of the non-padding tokens from flat row indices (or a mask)."""
+    if real.dim() == 2:
+        return real.bool()
+    flat = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=real.device)
+    return flat.index_fill(0, real, True).view(shape[0], shape[1])
+
+
+def log_relation(x: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
+    """log softmax(X X^T / sqrt(d_r)) over the non-padding keys, per relation head: (B, H, L, L).
+
+    Padding keys get the most negative finite score (not -inf): their probability is exactly
+    0 and nothing downstream multiplies 0 by an infinity (no NaN in the gradient)."""
+    B, L, D = x.shape
+    if D % heads:
+        raise ValueError(f"{heads} relation heads do not divide width {D}")
+    d = D // heads
+    # in fp32 whatever the autocast dtype: under bf16 autocast the matmul would run in bf16,
+    # and a softmax over L keys in bf16 loses the small probabilities the KL compares
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float().view(B, L, heads, d).transpose(1, 2)
+        scores = x @ x.transpose(-1, -2) / math.sqrt(d)
+        scores = scores.masked_fill(~keys[:, None, None, :], torch.finfo(torch.float32).min)
+        return F.log_softmax(scores, dim=-1)
+
+
+def attention_relation_kl(s_qkv, t_qkv, real: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLMv2's self-attention relation loss.
+
+    For each of the query-query, key-key and value-value relations, KL(teacher relation ||
+    student relation) over the non-padding keys of every query, averaged over the real query
+    tokens, the relation heads and the three relations. The widths may differ: each side is
+    split into ``heads`` heads of its own size, and relations are L x L either way.
+    """
+    real = real.bool() if real.dim() == 2 else real  # an attention mask may come as 0/1 ints
+    keys = key_mask(real, s_qkv[0].shape[:2])
+    total = 0.0
+    for xs, xt in zip(s_qkv, t_qkv):
+        ls, lt = log_relation(xs, keys, heads), log_relation(xt, keys, heads)
+        kl = (lt.exp() * (lt - ls)).masked_fill(~keys[:, None, None, :], 0.0).sum(-1)
+        total = total + gather_rows(kl.mean(1), real).mean()  # heads, then real queries
+    return total / len(s_qkv)
+
+
+def distillation_loss(s, t, *args) -> tuple[torch.Tensor, dict]:
     """The weighted objective and its raw terms.
 
-    s_logits/t_logits: (n_sel, V) at the selected positions. ``mlm_rows`` indexes the rows of
-    those that are masked positions (all of them when KL is over masked tokens only), and
-    ``labels`` holds the original token at each of those rows. ``real``: the non-padding
-    tokens, as flat row indices or as the (B, L) attention mask.
+    ``distillation_loss(s_feats, t_feats, labels, real, mlm_rows, w)``, with the
+    :class:`models.Features` of the student and the teacher. (The older
+    ``(s_hidden, t_hidden, s_logits, t_logits, labels, real, mlm_rows, w)`` form still works
+    for the triple objective.)
+
+    Logits are (n_sel, V) at the selected positions. ``mlm_rows`` indexes the rows of those
+    that are masked positions (all of them when KL is over masked tokens only), and ``labels``
+    holds the original token at each of those rows. ``real``: the non-padding tokens, as flat
+    row indices or as the (B, L) attention mask. Terms always has ce, mlm, cos, mse, attn_rel
+    and hidden_mse (zero where the weight is 0).
     """
+    if isinstance(s, torch.Tensor):  # the older tensor form
+        s_logits, t_logits, *args = args
+        s, t = _Pair(s, s_logits), _Pair(t, t_logits)
+    labels, real, mlm_rows, w = args
     terms: dict[str, torch.Tensor] = {}
-    zero = s_hidden.new_zeros((), dtype=torch.float32)
-    terms["ce"] = soft_target_kl(s_logits, t_logits, w.temperature) if w.alpha_ce > 0 else zero
+    zero = s.hidden.new_zeros((), dtype=torch.float32)
+    terms["ce"] = soft_target_kl(s.logits, t.logits, w.temperature) if w.alpha_ce > 0 else zero
     if w.alpha_mlm > 0:
-        terms["mlm"] = F.cross_entropy(s_logits[mlm_rows].float(), labels)
+        terms["mlm"] = F.cross_entropy(s.logits[mlm_rows].float(), labels)
     else:
         terms["mlm"] = zero
     keep = real if real.dim() == 1 else real.bool()  # flat indices, or the attention mask
-    terms["cos"] = hidden_cosine(s_hidden, t_hidden, keep) if w.alpha_cos > 0 else zero
-    terms["mse"] = logit_mse(s_logits, t_logits) if w.alpha_mse > 0 else zero
+    # a narrower student's last hidden state reaches the teacher's width through its projection
+    s_last = s.aligned if getattr(s, "aligned", None) is not None else s.hidden
+    terms["cos"] = hidden_cosine(s_last, t.hidden, keep) if w.alpha_cos > 0 else zero
+    terms["mse"] = logit_mse(s.logits, t.logits) if w.alpha_mse > 0 else zero
+    terms["attn_rel"] = attention_relation_kl(s.qkv, t.qkv, keep, w.attn_rel_heads) \
+        if w.alpha_attn_rel > 0 else zero
+    terms["hidden_mse"] = _hidden_mse_term(s, t, s_last, keep, w) \
+        if w.alpha_hidden_mse > 0 else zero
     total = (w.alpha_ce * terms["ce"] + w.alpha_mlm * terms["mlm"] + w.alpha_cos * terms["cos"]
-             + w.alpha_mse * terms["mse"])
+             + w.alpha_mse * terms["mse"] + w.alpha_attn_rel * terms["attn_rel"]
+             + w.alpha_hidden_mse * terms["hidden_mse"])
     return total, terms
+
+
+def _hidden_mse_term(s, t, s_last, keep, w) -> torch.Tensor:
+    """"last": the last hidden states; "mapped": student layer i against the teacher layer it
+    was copied from (the teacher wrapper returns exactly those), averaged over layers."""
+    if w.hidden_mse_layers == "mapped":
+        if len(s.layers) != len(t.layers) or not s.layers:
+            raise ValueError(f"hidden_mse over mapped layers needs one teacher layer per student "
+                             f"layer ({len(s.layers)} student, {len(t.layers)} teacher)")
+        return sum(hidden_mse(a, b, keep) for a, b in zip(s.layers, t.layers)) / len(s.layers)
+    return hidden_mse(s_last, t.hidden, keep)
+
+
+class _Pair(NamedTuple):
+    """The older call form's (hidden, logits), read like the features."""
+    hidden: torch.Tensor
+    logits: torch.Tensor
+    layers: tuple = ()
+    qkv: tuple = ()
+    aligned: Optional[torch.Tensor] = None

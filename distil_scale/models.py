@@ -1,5 +1,6 @@
 """Teacher loading, student construction and initialisation, and the two thin wrappers the
-engines see.
+engines see. What differs between model families (BERT, RoBERTa, ELECTRA, ...) is read from
+the table in :mod:`families`; nothing here branches on the model type.
 
 The wrappers exist so that a training step calls ``module(...)`` exactly once: DDP, FSDP2 and
 DeepSpeed only see gradients and parameters through a wrapped module's forward, and going
@@ -8,15 +9,17 @@ through the stock ``*ForMaskedLM.forward`` would compute vocabulary logits at ev
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
-import os
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .cli import UserError
+from .families import FAMILIES, attn_for, family_of, load_mlm, student_family  # noqa: F401
 from .losses import gather_rows
 
 log = logging.getLogger(__name__)
@@ -71,32 +74,6 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_bert_mlm(path: str, attn_implementation: str = "eager"):
-    """Load any BERT checkpoint as stock ``BertForMaskedLM``; returns (model, head_missing)."""
-    from transformers import AutoConfig, BertForMaskedLM
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise UserError(f"teacher.name_or_path: cannot load '{path}' "
-                        f"({str(e).splitlines()[0][:160]})") from None
-    if config.model_type != "bert":
-        raise UserError(f"teacher.name_or_path: '{path}' is a '{config.model_type}' model; "
-                        "the teacher must be a BERT checkpoint (model_type 'bert')")
-    from transformers.utils import logging as hf_logging
-
-    # the missing-head report is ours to make (load_teacher says what it does about it)
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = BertForMaskedLM.from_pretrained(
-            path, output_loading_info=True, attn_implementation=attn_implementation)
-    finally:
-        hf_logging.set_verbosity(old)
-    missing = [k for k in info.get("missing_keys", []) if k.startswith("cls.")]
-    return model, bool(missing)
-
-
 def even_layer_map(n_teacher: int, n_student: int) -> list[int]:
     """Teacher layer for each student layer, spread over the depth.
 
@@ -109,69 +86,142 @@ def even_layer_map(n_teacher: int, n_student: int) -> list[int]:
 
 def student_config_from_teacher(tconf, n_layers: int, dropout: float, attention_dropout: float,
                                 attn_implementation: str = "eager"):
-    from transformers import DistilBertConfig
+    """A DistilBERT config with a BERT-shaped teacher's widths (the default student of BERT)."""
+    return FAMILIES["distilbert"].config_from(tconf, n_layers, dropout, attention_dropout,
+                                              attn_implementation)
 
-    return DistilBertConfig(
-        vocab_size=tconf.vocab_size,
-        max_position_embeddings=tconf.max_position_embeddings,
-        sinusoidal_pos_embds=False,
-        n_layers=n_layers,
-        n_heads=tconf.num_attention_heads,
-        dim=tconf.hidden_size,
-        hidden_dim=tconf.intermediate_size,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-        activation=tconf.hidden_act if tconf.hidden_act in ("gelu", "relu") else "gelu",
-        pad_token_id=tconf.pad_token_id if tconf.pad_token_id is not None else 0,
-        tie_word_embeddings=True,
-        attn_implementation=attn_implementation,
-    )
+
+def student_config(tconf, family: str, n_layers: int, dim: int = 0, dropout: float = 0.1,
+                   attention_dropout: float = 0.1, attn_implementation: str = "eager"):
+    """The student's config: the teacher's own with fewer layers for a same-family student, or
+    a DistilBERT one carrying the teacher's shapes; ``dim`` (0: the teacher's) narrows it."""
+    fam = student_family(tconf, family)
+    attn = attn_for(fam.cls(), attn_implementation)
+    if fam is family_of(tconf):
+        conf = copy.deepcopy(tconf)
+        conf.num_hidden_layers = n_layers
+        for name, p in zip(fam.dropout_fields, (dropout, attention_dropout)):
+            setattr(conf, name, p)
+        conf._attn_implementation = attn
+        conf.dtype = None  # built in fp32 whatever dtype the teacher was loaded in
+    else:
+        conf = fam.config_from(tconf, n_layers, dropout, attention_dropout, attn)
+    if dim and dim != conf.hidden_size:
+        _narrow(conf, fam, dim)
+    return conf
+
+
+def _narrow(conf, fam, dim: int) -> None:
+    """Width ``dim`` with the teacher's head count and FFN ratio (4 x dim for BERT shapes)."""
+    if dim % conf.num_attention_heads:
+        raise UserError(f"student.dim: {dim} is not divisible by the "
+                        f"{conf.num_attention_heads} attention heads")
+    old = conf.hidden_size
+    setattr(conf, fam.ffn_field, fam.ffn_size(conf) * dim // old)
+    # widths tied to the hidden size follow it (ELECTRA's and DeBERTa's embedding_size when it
+    # equals the hidden size, DeBERTa's pooler); a factorised embedding keeps its own width
+    for name in ("embedding_size", "pooler_hidden_size"):
+        if getattr(conf, name, None) == old:
+            setattr(conf, name, dim)
+    conf.hidden_size = dim
 
 
 @torch.no_grad()
-def init_student_from_teacher(student, teacher, layers: list[int]) -> None:
-    """Copy embeddings, the chosen teacher layers and the MLM head into a DistilBertForMaskedLM.
+def init_student_from_teacher(student, teacher, layers: list[int], truncate: bool = False) -> None:
+    """Copy embeddings, the chosen teacher layers and the MLM head into the student.
+
+    ``truncate``: a narrower student takes the leading rows/columns of every teacher tensor
+    (the first ``dim`` features of each; head boundaries are not respected, so this is a
+    starting point that keeps the embeddings' and head's leading directions, not a model that
+    computes what the teacher computes).
+    """
+    for dst, src in _teacher_sources(student, teacher, layers):
+        if truncate:
+            if any(s < d for s, d in zip(src.shape, dst.shape)):
+                raise UserError(f"student.init: truncate cannot widen {tuple(src.shape)} to "
+                                f"{tuple(dst.shape)}; use student.init=random")
+            src = src[tuple(slice(0, n) for n in dst.shape)]
+        if src.shape != dst.shape:
+            raise ValueError(f"teacher init: shape {tuple(src.shape)} into {tuple(dst.shape)}")
+        dst.copy_(src)
+    student.tie_weights()
+
+
+def _teacher_sources(student, teacher, layers: list[int]) -> list[tuple]:
+    """(student tensor, teacher tensor) pairs: by name within a family, by piece across."""
+    s_fam, t_fam = family_of(student), family_of(teacher)
+    if s_fam is t_fam:
+        return _sources_by_name(student, teacher, layers, s_fam)
+    return _sources_by_piece(student, teacher, layers, s_fam, t_fam)
+
+
+def _sources_by_name(student, teacher, layers, fam) -> list[tuple]:
+    """Same family: every student tensor has a teacher namesake; layer i reads layers[i]."""
+    t_state = teacher.state_dict()
+    prefix = f"{fam.base}.{fam.layers_path}."
+    pairs = []
+    for name, dst in student.state_dict(keep_vars=True).items():
+        src = name
+        if name.startswith(prefix):
+            idx, rest = name[len(prefix):].split(".", 1)
+            src = f"{prefix}{layers[int(idx)]}.{rest}"
+        pairs.append((dst, t_state[src]))
+    return pairs
+
+
+def _sources_by_piece(student, teacher, layers, s_fam, t_fam) -> list[tuple]:
+    """A BERT-shaped teacher into a DistilBERT student, piece by piece.
 
     BERT adds token_type_embeddings[0] to every token of a single-segment input; DistilBERT has
     no segment embeddings, so that row is folded into the position embeddings and the student's
-    embedding output equals the teacher's exactly (the original extraction dropped it).
+    embedding output equals the teacher's exactly (the original extraction dropped it). The
+    teacher's positions start at its offset (RoBERTa: padding_idx + 1).
     """
-    sb, tb = student.distilbert, teacher.bert
-    n_pos = sb.embeddings.position_embeddings.weight.shape[0]
-    sb.embeddings.word_embeddings.weight.copy_(tb.embeddings.word_embeddings.weight)
-    sb.embeddings.position_embeddings.weight.copy_(
-        tb.embeddings.position_embeddings.weight[:n_pos]
-        + tb.embeddings.token_type_embeddings.weight[0])
-    sb.embeddings.LayerNorm.load_state_dict(tb.embeddings.LayerNorm.state_dict())
+    se, te = s_fam.embeddings(student), t_fam.embeddings(teacher)
+    t_width = te.word_embeddings.weight.shape[1]
+    if t_width != teacher.config.hidden_size:
+        raise UserError(f"student.family: a {s_fam.model_type} student needs the teacher's "
+                        f"embeddings as wide as its hidden states ({t_width} vs "
+                        f"{teacher.config.hidden_size}); use student.family=auto")
+    n_pos = se.position_embeddings.weight.shape[0]
+    off = t_fam.position_offset(teacher.config)
+    pos = te.position_embeddings.weight[off:off + n_pos]
+    if getattr(se, "token_type_embeddings", None) is None and \
+            getattr(te, "token_type_embeddings", None) is not None:
+        pos = pos + te.token_type_embeddings.weight[0]
+    pairs = [(se.word_embeddings.weight, te.word_embeddings.weight),
+             (se.position_embeddings.weight, pos)]
+    pairs += _param_pairs(se.LayerNorm, te.LayerNorm)
     for s_idx, t_idx in enumerate(layers):
-        s, t = sb.transformer.layer[s_idx], tb.encoder.layer[t_idx]
-        s.attention.q_lin.load_state_dict(t.attention.self.query.state_dict())
-        s.attention.k_lin.load_state_dict(t.attention.self.key.state_dict())
-        s.attention.v_lin.load_state_dict(t.attention.self.value.state_dict())
-        s.attention.out_lin.load_state_dict(t.attention.output.dense.state_dict())
-        s.sa_layer_norm.load_state_dict(t.attention.output.LayerNorm.state_dict())
-        s.ffn.lin1.load_state_dict(t.intermediate.dense.state_dict())
-        s.ffn.lin2.load_state_dict(t.output.dense.state_dict())
-        s.output_layer_norm.load_state_dict(t.output.LayerNorm.state_dict())
-    head = teacher.cls.predictions
-    student.vocab_transform.load_state_dict(head.transform.dense.state_dict())
-    student.vocab_layer_norm.load_state_dict(head.transform.LayerNorm.state_dict())
-    student.vocab_projector.bias.copy_(head.bias)
-    student.tie_weights()
+        s_layer, t_layer = s_fam.layers(student)[s_idx], t_fam.layers(teacher)[t_idx]
+        for part in s_fam.layer_parts:
+            pairs += _param_pairs(s_fam.layer_part(s_layer, part), t_fam.layer_part(t_layer, part))
+    (s_dense, s_norm, s_bias), (t_dense, t_norm, t_bias) = (s_fam.head_pieces(student),
+                                                            t_fam.head_pieces(teacher))
+    return pairs + _param_pairs(s_dense, t_dense) + _param_pairs(s_norm, t_norm) + [
+        (s_bias, t_bias)]
+
+
+def _param_pairs(dst: nn.Module, src: nn.Module) -> list[tuple]:
+    return [(p, src.get_parameter(name)) for name, p in dst.named_parameters()]
 
 
 def build_student(teacher, cfg_student, attn_implementation: str = "eager",
                   cosine_loss: bool = True):
-    from transformers import DistilBertForMaskedLM
+    """The student (a stock ``*ForMaskedLM``) and the teacher layer each student layer copies.
 
+    ``cfg_student.family`` "auto" gives the teacher family's default student (DistilBERT for
+    BERT, the teacher's own family otherwise). ``cosine_loss`` is kept for old callers: a
+    narrower student's hidden states now reach the teacher's width through the projection that
+    :class:`StudentForDistillation` owns.
+    """
     tconf = teacher.config
+    init = cfg_student.init
     dim = cfg_student.dim or tconf.hidden_size
-    if dim != tconf.hidden_size and (cfg_student.init == "teacher" or cosine_loss):
-        why = "teacher init copies its weights" if cfg_student.init == "teacher" else \
-            "the cosine loss compares hidden states"
-        raise UserError(f"student.dim: {dim} differs from the teacher's {tconf.hidden_size} and "
-                        f"{why} (no projection); set student.dim=0, or student.init=random and "
-                        "loss.alpha_cos=0")
+    if dim != tconf.hidden_size and init == "teacher":
+        raise UserError(f"student.init: teacher copies {tconf.hidden_size}-wide weights into a "
+                        f"{dim}-wide student (student.dim); use student.init=truncate (leading "
+                        "rows/columns) or student.init=random, or student.dim=0")
     n_t = tconf.num_hidden_layers
     layers = list(cfg_student.layers) or even_layer_map(n_t, cfg_student.n_layers)
     if len(layers) != cfg_student.n_layers:
@@ -181,53 +231,176 @@ def build_student(teacher, cfg_student, attn_implementation: str = "eager",
         raise UserError(f"student.layers: {layers} out of range for a {n_t}-layer teacher")
     if cfg_student.n_layers > n_t:
         raise UserError(f"student.n_layers: {cfg_student.n_layers} > the teacher's {n_t} layers")
-    sconf = student_config_from_teacher(tconf, cfg_student.n_layers, cfg_student.dropout,
-                                        cfg_student.attention_dropout, attn_implementation)
-    if dim != tconf.hidden_size:
-        if dim % sconf.n_heads:
-            raise UserError(f"student.dim: {dim} is not divisible by the "
-                            f"{sconf.n_heads} attention heads")
-        sconf.dim, sconf.hidden_dim = dim, 4 * dim
-    student = DistilBertForMaskedLM(sconf)
-    if cfg_student.init == "teacher":
-        init_student_from_teacher(student, teacher, layers)
+    family = getattr(cfg_student, "family", "auto")
+    sconf = student_config(tconf, family, cfg_student.n_layers, dim, cfg_student.dropout,
+                           cfg_student.attention_dropout, attn_implementation)
+    fam = family_of(sconf)
+    student = fam.cls()(sconf)
+    if init in ("teacher", "truncate"):
+        init_student_from_teacher(student, teacher, layers, truncate=init == "truncate")
     if cfg_student.freeze_position_embeddings:
+        table = fam.embeddings(student).position_embeddings
+        if table is None:
+            raise UserError(f"student.freeze_position_embeddings: a {fam.model_type} student "
+                            "with relative positions has no position table; set it false")
         # the release's --freeze_pos_embs: no engine puts a parameter without grad in its
         # optimizer, so the copied teacher positions stay as they are
-        student.distilbert.embeddings.position_embeddings.weight.requires_grad_(False)
+        table.weight.requires_grad_(False)
     return student, layers
 
 
-class StudentForDistillation(nn.Module):
-    """Stock DistilBertForMaskedLM, with vocabulary logits only at the positions asked for."""
+# ----------------------------------------------------------------------------------------------
+# the wrappers the engines see
 
-    def __init__(self, mlm):
+
+class Features(NamedTuple):
+    """What one distillation forward returns; [0] and [1] are what the eval code reads.
+
+    A NamedTuple because DDP, FSDP2 and DeepSpeed walk (named) tuples for the tensors they must
+    hook; what was not asked for at construction is () or None, and costs nothing.
+    """
+    hidden: torch.Tensor  # (B, L, D) last hidden state, in the model's own width
+    logits: torch.Tensor  # (n_sel, V) vocabulary logits at the positions asked for
+    # hidden states compared layer by layer (loss.hidden_mse_layers=mapped): the student's
+    # every layer, through the projection when it is narrower; the teacher's mapped layers
+    layers: tuple = ()
+    qkv: tuple = ()  # (q, k, v), each (B, L, D), at the relation layer (loss.alpha_attn_rel)
+    # the student's last hidden state in the teacher's width (narrow students only)
+    aligned: Optional[torch.Tensor] = None
+
+    def clone(self) -> "Features":
+        """Plain copies: tensors made in inference mode cannot be saved for backward."""
+        def c(x):
+            if isinstance(x, tuple):
+                return tuple(t.clone() for t in x)
+            return None if x is None else x.clone()
+
+        return Features(*(c(x) for x in self))
+
+
+def _keep_first_output(module, args, output) -> None:
+    """Forward hook: the module's first output of a forward. DeBERTa-v2 calls its key/query
+    projections a second time, on the relative-position embeddings. Kept on the module itself,
+    so a deep copy of a wrapper (hooks and all) captures into its own modules."""
+    if getattr(module, "_distil_out", None) is None:
+        module._distil_out = output
+
+
+class _Capture:
+    """The q/k/v outputs of one encoder layer, through forward hooks on the stock Linear
+    modules (no hand-written attention)."""
+
+    def __init__(self, family, mlm, layer: int):
+        self.family, self.layer = family, layer
+        for m in family.qkv(mlm, layer):
+            m.register_forward_hook(_keep_first_output)
+
+    def start(self, mlm) -> None:
+        for m in self.family.qkv(mlm, self.layer):
+            m._distil_out = None
+
+    def take(self, mlm) -> tuple:
+        mods = self.family.qkv(mlm, self.layer)
+        out = tuple(m._distil_out for m in mods)
+        for m in mods:
+            m._distil_out = None  # hold no activations after the forward
+        return out
+
+
+class StudentForDistillation(nn.Module):
+    """A stock ``*ForMaskedLM`` student, with vocabulary logits only at the positions asked for.
+
+    ``teacher_dim``: the teacher's width where a hidden-state loss compares a narrower student
+    with it: a learned Linear owned here (so it is trained and sharded with the student, and
+    applied inside forward, the only place DDP/FSDP let a parameter be used) and not exported
+    (the export saves ``.mlm``). ``layers``: return every layer's output; ``qkv``: the last
+    layer's q/k/v (the attention-relation loss).
+    """
+
+    def __init__(self, mlm, *, teacher_dim: int = 0, layers: bool = False, qkv: bool = False):
         super().__init__()
         self.mlm = mlm
+        self.family = family_of(mlm)
+        self.spec = {"teacher_dim": teacher_dim, "layers": layers, "qkv": qkv}
+        width = mlm.config.hidden_size
+        self.proj = nn.Linear(width, teacher_dim) if teacher_dim and teacher_dim != width else None
+        self.layers = layers
+        n = mlm.config.num_hidden_layers
+        self._qkv = _Capture(self.family, mlm, n - 1) if qkv else None
 
-    def forward(self, input_ids, attention_mask, positions):
+    def forward(self, input_ids, attention_mask, positions) -> Features:
         """``positions``: flat row indices into B*L (the training step), or a (B, L) mask."""
-        hidden = self.mlm.distilbert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        sel = gather_rows(hidden, positions)  # (n_sel, dim)
-        x = self.mlm.activation(self.mlm.vocab_transform(sel))
-        x = self.mlm.vocab_layer_norm(x)
-        return hidden, self.mlm.vocab_projector(x)
+        if self._qkv is not None:
+            self._qkv.start(self.mlm)
+        out = self.family.encode(self.mlm, input_ids, attention_mask, hidden_states=self.layers)
+        hidden = out[0]
+        logits = self.family.head_logits(self.mlm, gather_rows(hidden, positions))
+        to_t = self.proj if self.proj is not None else (lambda x: x)
+        return Features(
+            hidden, logits,
+            layers=tuple(to_t(h) for h in out.hidden_states[1:]) if self.layers else (),
+            qkv=self._qkv.take(self.mlm) if self._qkv is not None else (),
+            aligned=self.proj(hidden) if self.proj is not None else None)
 
 
 class TeacherForDistillation(nn.Module):
-    """Frozen stock BertForMaskedLM: last hidden states and vocabulary logits at ``positions``."""
+    """The frozen teacher: last hidden states and vocabulary logits at ``positions``; with
+    ``layers`` also those layers' outputs (in that order), with ``qkv_layer`` that layer's
+    q/k/v (negative counts from the top)."""
 
-    def __init__(self, mlm):
+    def __init__(self, mlm, *, layers: tuple = (), qkv_layer: Optional[int] = None):
         super().__init__()
         self.mlm = mlm
+        self.family = family_of(mlm)
+        self.layers = tuple(layers)
+        n = mlm.config.num_hidden_layers
+        self._qkv = None if qkv_layer is None else _Capture(self.family, mlm, qkv_layer % n)
         freeze(self)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: never dropout, whoever calls .train()
 
-    def forward(self, input_ids, attention_mask, positions):
-        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return hidden, self.mlm.cls(gather_rows(hidden, positions))
+    def forward(self, input_ids, attention_mask, positions) -> Features:
+        if self._qkv is not None:
+            self._qkv.start(self.mlm)
+        out = self.family.encode(self.mlm, input_ids, attention_mask,
+                                 hidden_states=bool(self.layers))
+        hidden = out[0]
+        logits = self.family.head_logits(self.mlm, gather_rows(hidden, positions))
+        return Features(
+            hidden, logits,
+            layers=tuple(out.hidden_states[i + 1] for i in self.layers),
+            qkv=self._qkv.take(self.mlm) if self._qkv is not None else ())
+
+
+def wrap_for_distillation(teacher_mlm, student_mlm, layer_map: list[int], cfg_loss):
+    """(TeacherForDistillation, StudentForDistillation) capturing what ``cfg_loss`` reads and
+    nothing more: the default objective gets plain wrappers."""
+    t_dim, s_dim = teacher_mlm.config.hidden_size, student_mlm.config.hidden_size
+    hidden_terms = cfg_loss.alpha_cos > 0 or getattr(cfg_loss, "alpha_hidden_mse", 0) > 0
+    mapped = getattr(cfg_loss, "alpha_hidden_mse", 0) > 0 and \
+        getattr(cfg_loss, "hidden_mse_layers", "last") == "mapped"
+    rel = getattr(cfg_loss, "alpha_attn_rel", 0) > 0
+    t_layer = getattr(cfg_loss, "attn_rel_teacher_layer", -1)
+    n_t = teacher_mlm.config.num_hidden_layers
+    if rel:
+        if not -n_t <= t_layer < n_t:
+            raise UserError(f"loss.attn_rel_teacher_layer: {t_layer} out of range for a "
+                            f"{n_t}-layer teacher; use -1 (the last) or 0..{n_t - 1}")
+        heads = relation_heads(cfg_loss, teacher_mlm.config)
+        if t_dim % heads or s_dim % heads:
+            raise UserError(f"loss.attn_rel_heads: {heads} relation heads must divide both "
+                            f"the teacher's width {t_dim} and the student's {s_dim}")
+    teacher = TeacherForDistillation(teacher_mlm, layers=tuple(layer_map) if mapped else (),
+                                     qkv_layer=t_layer if rel else None)
+    student = StudentForDistillation(student_mlm, teacher_dim=t_dim if hidden_terms else 0,
+                                     layers=mapped, qkv=rel)
+    return teacher, student
+
+
+def relation_heads(cfg_loss, teacher_config) -> int:
+    """``loss.attn_rel_heads``, where 0 means the teacher's attention head count."""
+    return getattr(cfg_loss, "attn_rel_heads", 0) or teacher_config.num_attention_heads
 
 
 def freeze(model: nn.Module) -> nn.Module:
