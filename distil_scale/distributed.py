@@ -7,6 +7,9 @@ the host costs a network round-trip, not a device synchronisation.
 """
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import torch.distributed as dist
 
@@ -24,6 +27,32 @@ def rank() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def world_of_one_env() -> None:
+    """torchrun with one process, or plain ``python``, sets up no process group; these
+    variables let an engine make a world of one (DeepSpeed would otherwise look for MPI)."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+
+
+def ensure_process_group(device: torch.device, *, deepspeed: bool = False) -> None:
+    """A process group for engines that need one, a world of one when no launcher made it."""
+    if dist.is_initialized():
+        return
+    world_of_one_env()
+    comm = "nccl" if device.type == "cuda" else "gloo"
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=comm)
+    else:
+        dist.init_process_group(comm)
 
 
 def init_control_group() -> None:

@@ -7,9 +7,18 @@ import json
 from pathlib import Path
 
 from .config import ConfigError
+from .runtime import accumulation
 
 
 def load_ds_config(path: str, cfg, world: int) -> dict:
+    """The pretraining config's --ds JSON."""
+    t = cfg.train
+    return reconcile(read_ds_json(path), path, micro=t.micro_batch, glob=t.global_batch,
+                     world=world, max_grad_norm=t.max_grad_norm, lr=t.lr,
+                     weight_decay=t.weight_decay, eps=t.adam_eps, precision=t.precision)
+
+
+def read_ds_json(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--ds: no such file '{path}'")
@@ -19,30 +28,30 @@ def load_ds_config(path: str, cfg, world: int) -> dict:
         raise ConfigError(f"--ds: '{path}' is not valid JSON ({e}); fix the file") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"--ds: '{path}' must hold a JSON object")
-    micro = cfg.train.micro_batch
-    glob = cfg.train.global_batch
-    if glob % (micro * world):
-        raise ConfigError(f"train.global_batch: {glob} is not divisible by train.micro_batch "
-                          f"{micro} x {world} processes = {micro * world}; make it a multiple")
+    return ds
+
+
+def reconcile(ds: dict, path: str, *, micro: int, glob: int, world: int, max_grad_norm: float,
+              lr: float, weight_decay: float, eps: float, precision: str) -> dict:
+    """Fill the JSON's "auto" fields from the run's settings; refuse contradictions."""
     wanted = {"train_micro_batch_size_per_gpu": (micro, "train.micro_batch"),
-              "gradient_accumulation_steps": (glob // (micro * world),
+              "gradient_accumulation_steps": (accumulation(glob, micro, world),
                                               "train.global_batch / (micro_batch x world)"),
               "train_batch_size": (glob, "train.global_batch"),
-              "gradient_clipping": (cfg.train.max_grad_norm, "train.max_grad_norm")}
+              "gradient_clipping": (max_grad_norm, "train.max_grad_norm")}
     for key, (value, source) in wanted.items():
         _reconcile(ds, key, value, source, path, key)
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
         params = opt.setdefault("params", {})
-        for key, value, source in (("lr", cfg.train.lr, "train.lr"),
-                                   ("weight_decay", cfg.train.weight_decay,
-                                    "train.weight_decay"),
-                                   ("eps", cfg.train.adam_eps, "train.adam_eps")):
+        for key, value, source in (("lr", lr, "train.lr"),
+                                   ("weight_decay", weight_decay, "train.weight_decay"),
+                                   ("eps", eps, "train.adam_eps")):
             _reconcile(params, key, value, source, path, f"optimizer.params.{key}")
     for half in ("bf16", "fp16"):
         sect = ds.get(half)
         if isinstance(sect, dict) and sect.get("enabled") == "auto":
-            sect["enabled"] = cfg.train.precision == half
+            sect["enabled"] = precision == half
     return ds
 
 

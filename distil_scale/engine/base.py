@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..runtime import autocast, resolve_precision
+
 
 @dataclass
 class StepResult:
@@ -27,22 +29,6 @@ class StepResult:
     def diverged(self, loss_finite: bool) -> bool:
         """Whether this step counts toward train.max_nonfinite_steps."""
         return self.skipped and not (self.scale_backoff and loss_finite)
-
-
-def cuda_bf16_native() -> bool:
-    """bf16 in hardware (Ampere and later). A V100 reports bf16 as supported through emulation,
-    which is slower than fp16 and not what a run should pick by itself."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if cuda_bf16_native() else "fp16"
-    # bf16 autocast pays on CPUs with native bf16 matmuls (AVX512-BF16/AMX: measured 1.5-1.8x);
-    # elsewhere it emulates and is slower than fp32
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -63,14 +49,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, adam_eps: float,
                  warmup_steps: int, total_steps: int, max_grad_norm: float, precision: str,
-                 accum_steps: int, device: torch.device, compile: bool = False):
+                 accum_steps: int, device: torch.device, compile: bool = False,
+                 groups: list[dict] | None = None):
+        """``groups``: optimizer parameter groups, when not the default (every trainable
+        parameter, no weight decay on biases and norms); each may carry its own ``lr``."""
         from transformers import get_linear_schedule_with_warmup
 
         self.device = device
         self.precision = resolve_precision(precision, device)
-        if self.precision == "fp16" and device.type != "cuda":
-            raise ValueError("train.precision: fp16 is only for CUDA (it is ~500x slower than "
-                             "bf16 on CPU); use bf16 or fp32")
         self.accum_steps = accum_steps
         self.max_grad_norm = max_grad_norm
         self.raw_module = model.to(device)
@@ -78,7 +64,9 @@ class Engine:
         if compile:
             self.module = torch.compile(self.module)
         fused = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(self.raw_module, weight_decay), lr=lr,
+        if groups is None:
+            groups = param_groups(self.raw_module, weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr,
                                            eps=adam_eps, fused=fused or None)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup_steps,
                                                          total_steps)
@@ -107,10 +95,7 @@ class Engine:
         return contextlib.nullcontext()
 
     def autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def backward(self, micro_loss: torch.Tensor) -> None:
         self.scaler.scale(micro_loss / self.accum_steps).backward()
@@ -158,6 +143,18 @@ class Engine:
                         weights_only=False)
         self.load_state_dict(sd)
 
+    def full_state_dict(self) -> dict | None:
+        """The unwrapped model's state, full-size, fp32 and on the CPU, on rank 0 (None
+        elsewhere). A collective on sharded engines: every rank calls it."""
+        if self.rank != 0:
+            return None
+        return {k: _cpu_copy(v) for k, v in self.raw_module.state_dict().items()}
+
     def export_module(self) -> nn.Module | None:
         """The full, unwrapped model on rank 0 (None elsewhere), for the HF export."""
         return self.raw_module if self.rank == 0 else None
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.float() if t.is_floating_point() else t).cpu().clone()

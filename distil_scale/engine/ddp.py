@@ -8,33 +8,14 @@ Gradients are all-reduced once per optimizer step: micro-steps before the last r
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..distributed import ensure_process_group
 from .base import Engine
-
-
-def world_of_one_env() -> None:
-    """torchrun with one process, or plain ``python``, sets up no process group (the trainer
-    only does for WORLD_SIZE > 1); these variables let the engine make a world of one."""
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-
-
-def ensure_process_group(device: torch.device) -> None:
-    if not dist.is_initialized():
-        world_of_one_env()
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 class DDPEngine(Engine):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
+from ..distributed import ensure_process_group
 from .base import Engine, StepResult, param_groups
 
 log = logging.getLogger(__name__)
@@ -42,19 +43,6 @@ def json_precision(ds_config: dict | None) -> str:
 
 def zero_stage(ds_config: dict | None) -> int:
     return int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0))
-
-
-def ensure_process_group(device: torch.device) -> None:
-    """A plain ``python launch/pretrain.py --ds ...`` (no launcher) runs as a world of one;
-    without RANK/WORLD_SIZE/MASTER_* DeepSpeed would go looking for MPI."""
-    if dist.is_initialized():
-        return
-    import deepspeed
-
-    from .ddp import world_of_one_env
-
-    world_of_one_env()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
 class DeepSpeedEngine(Engine):
@@ -79,7 +67,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, adam_eps: float,
                  warmup_steps: int, total_steps: int, max_grad_norm: float, precision: str,
                  accum_steps: int, device: torch.device, compile: bool = False,
-                 ds_config: dict | None = None):
+                 ds_config: dict | None = None, groups: list[dict] | None = None):
         import deepspeed
         from transformers import get_linear_schedule_with_warmup
 
@@ -108,10 +96,11 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's own ZeRO code calls this torch API at every step
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
                                 category=FutureWarning)
-        ensure_process_group(device)
+        ensure_process_group(device, deepspeed=True)
         self.raw_module = model.to(device)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.raw_module, model_parameters=param_groups(self.raw_module, weight_decay),
+            model=self.raw_module,
+            model_parameters=groups or param_groups(self.raw_module, weight_decay),
             config=ds,
             lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup_steps,
                                                                      total_steps))
@@ -171,12 +160,10 @@ class DeepSpeedEngine(Engine):
         self._skipped = self.ds.skipped_steps
         self._steps = self.ds.global_steps
 
-    def export_module(self) -> nn.Module | None:
+    def full_state_dict(self) -> dict | None:
         """The fp32 master weights, gathered from their ZeRO partitions (a collective: every
-        rank calls it); rank 0 gets a fresh unwrapped student."""
+        rank calls it), on rank 0."""
         from deepspeed.utils import safe_get_full_fp32_param
-
-        from .fsdp import rebuild_student
 
         module = self.ds.module
         keys = set(module.state_dict().keys())
@@ -194,7 +181,14 @@ class DeepSpeedEngine(Engine):
         for name, b in module.named_buffers():
             if name in keys:
                 full[name] = b.detach().cpu().clone()
-        return rebuild_student(module, full)
+        return full
+
+    def export_module(self) -> nn.Module | None:
+        """Rank 0 gets a fresh unwrapped student holding the fp32 master weights."""
+        from .fsdp import rebuild_student
+
+        full = self.full_state_dict()
+        return None if full is None else rebuild_student(self.ds.module, full)
 
 
 def _gathered(p: torch.Tensor) -> torch.Tensor:

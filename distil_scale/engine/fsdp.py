@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import Engine
-from .ddp import ensure_process_group
+from ..distributed import ensure_process_group
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -99,8 +99,8 @@ class FSDPEngine(Engine):
         self.scheduler.load_state_dict(rest["scheduler"])
         self.scaler.load_state_dict(rest["scaler"])
 
-    def export_module(self) -> nn.Module | None:
-        """All ranks gather (a collective); rank 0 gets a fresh fp32 copy of the student."""
+    def full_state_dict(self) -> dict | None:
+        """All ranks gather (a collective); rank 0 gets the full fp32 state on the CPU."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
 
@@ -108,21 +108,33 @@ class FSDPEngine(Engine):
             self.raw_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return None
-        return rebuild_student(self.raw_module, full)
+        return {k: v.float() if v.is_floating_point() else v for k, v in full.items()}
+
+    def export_module(self) -> nn.Module | None:
+        """All ranks gather (a collective); rank 0 gets a fresh fp32 copy of the student."""
+        full = self.full_state_dict()
+        return None if full is None else rebuild_student(self.raw_module, full)
 
 
 def rebuild_student(module: nn.Module, full_state: dict) -> nn.Module:
-    """A new unwrapped StudentForDistillation on CPU holding ``full_state`` (as fp32)."""
-    from transformers import DistilBertForMaskedLM
+    """A new unwrapped StudentForDistillation on CPU holding ``full_state`` (as fp32).
 
+    The same stock class as the trained student (from the family table, not ``type()``: a
+    sharded module's class is a generated FSDP subclass), wrapped as it was (its projection to
+    the teacher's width included); the export saves ``.mlm`` only."""
+    from ..families import family_of
     from ..models import StudentForDistillation
 
-    student = StudentForDistillation(DistilBertForMaskedLM(module.mlm.config))
+    fam = family_of(module.mlm.config)
+    student = StudentForDistillation(fam.cls()(module.mlm.config),
+                                     **getattr(module, "spec", {}))
     missing, unexpected = student.load_state_dict(
-        {k: v.float() for k, v in full_state.items()}, strict=False)
-    # the tied output projection may come under either name; tie_weights restores the other
-    tied = {"mlm.vocab_projector.weight", "mlm.distilbert.embeddings.word_embeddings.weight"}
-    if unexpected or set(missing) - tied or tied <= set(missing):
+        {k: v.float() if v.is_floating_point() else v for k, v in full_state.items()},
+        strict=False)
+    # a tied tensor may come under either of its names; tie_weights restores the other
+    ties = [{f"mlm.{n}" for n in pair} for pair in fam.tied_pairs(student.mlm)]
+    untied = set(missing) - set().union(*ties)
+    if unexpected or untied or any(t <= set(missing) for t in ties):
         raise RuntimeError(f"student export: missing {sorted(missing)}, "
                            f"unexpected {sorted(unexpected)}")
     student.mlm.tie_weights()

@@ -1,0 +1,159 @@
+"""What a run derives from its config, its device and its world, resolved once.
+
+Precision, the autocast dtype, the attention implementation, the frozen teacher's dtype and
+the accumulation count each follow from a few config fields plus the hardware. They are
+worked out here, at start-up, and every loop (pretraining, GLUE fine-tuning, task
+distillation, teacher preparation, the bench) reads the same answer instead of re-deriving it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+
+def cuda_bf16_native() -> bool:
+    """bf16 in hardware (Ampere and later). A V100 reports bf16 as supported through emulation,
+    which is slower than fp16 and not what a run should pick by itself."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 where the hardware does it natively, else fp16 on CUDA (V100), fp32 on a
+    CPU without bf16 matmuls. fp16 on a CPU is refused."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if cuda_bf16_native() else "fp16"
+        else:
+            # bf16 autocast pays on CPUs with native bf16 matmuls (AVX512-BF16/AMX: measured
+            # 1.5-1.8x); elsewhere it emulates and is slower than fp32
+            precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA GPU (on CPU it is ~500x slower "
+                          "than bf16); use train.precision=bf16 or fp32")
+    return precision
+
+
+def amp_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (a no-op context for fp32)."""
+    dtype = amp_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_attention(attn: str, device: torch.device) -> str:
+    # eager is faster than sdpa on this kind of CPU (measured); sdpa's fused kernels win on CUDA
+    if attn == "auto":
+        return "eager" if device.type == "cpu" else "sdpa"
+    return attn
+
+
+def resolve_teacher_dtype(setting: str, precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: half precision on CUDA (fp16 where the run is fp16: a V100 has no bf16), fp32
+    on a CPU, where half-precision matmuls without autocast are slow."""
+    if setting == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per optimizer step: the global batch is set, accumulation derived."""
+    if global_batch % (micro_batch * world):
+        raise ConfigError(f"train.global_batch: {global_batch} is not divisible by "
+                          f"train.micro_batch {micro_batch} x {world} processes = "
+                          f"{micro_batch * world}; make it a multiple")
+    return global_batch // (micro_batch * world)
+
+
+def device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str) -> tuple[int, int, int, bool]:
+    """Join the launcher's process group when there is one (WORLD_SIZE > 1);
+    returns (rank, world, local_rank, created)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    created = False
+    if world > 1 and not dist.is_initialized():
+        if backend == "plain":
+            raise ConfigError("parallel.backend: 'plain' runs one process but WORLD_SIZE="
+                              f"{world}; use parallel.backend=ddp, fsdp or deepspeed")
+        comm = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=comm)
+        else:
+            dist.init_process_group(comm)
+        created = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, int(os.environ.get("LOCAL_RANK", "0")), created
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One process's place in the job and the settings derived for it."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    precision: str                 # fp32 | bf16 | fp16, as the engine runs it
+    attn: str = "eager"            # the attention implementation models are built with
+    teacher_dtype: torch.dtype = torch.float32
+    accum: int = 1
+    owns_group: bool = False       # this process created the process group (and ends it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        """The dtype matmuls run in (fp32 for an fp32 run)."""
+        return amp_dtype(self.precision) or torch.float32
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+    def say(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve(*, backend: str, precision: str, attn: str = "auto", teacher_dtype: str = "auto",
+            global_batch: int | None = None, micro_batch: int | None = None,
+            ds_config: dict | None = None) -> Runtime:
+    """Join the process group, pick the device and resolve every derived setting once.
+
+    The engine class has the last word on precision (DeepSpeed takes its JSON's bf16/fp16)."""
+    from .engine import engine_class
+
+    rank, world, local_rank, created = init_distributed(backend)
+    device = device_for(local_rank)
+    prec = engine_class(backend).resolve_precision(precision, device, ds_config)
+    accum = 1 if global_batch is None else accumulation(global_batch, micro_batch, world)
+    return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, precision=prec,
+                   attn=resolve_attention(attn, device),
+                   teacher_dtype=resolve_teacher_dtype(teacher_dtype, prec, device),
+                   accum=accum, owns_group=created)
