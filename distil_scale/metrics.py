@@ -8,12 +8,6 @@ from pathlib import Path
 
 import torch
 
-# Stable names: dashboards and tests key on these strings.
-NAMES = ("loss/total", "loss/ce", "loss/mlm", "loss/cos", "loss/mse", "loss/ce_weighted",
-         "loss/mlm_weighted", "loss/cos_weighted", "loss/mse_weighted", "optim/lr",
-         "optim/grad_norm", "optim/skipped_steps", "perf/tokens_per_s", "perf/mfu",
-         "perf/data_wait_pct", "perf/step_s", "mem/peak_gib", "eval/student_mlm_loss",
-         "eval/student_mlm_acc", "eval/teacher_mlm_loss", "eval/teacher_mlm_acc")
 
 
 class MetricsLogger:
@@ -83,12 +77,14 @@ def head_flops_per_position(d: int, vocab: int) -> float:
 def distill_flops_per_token(tconf, sconf, seq_len: int, head_fraction: float) -> float:
     """Teacher forward + student forward/backward (3x forward), vocabulary head only at the
     fraction of positions where it is computed."""
-    t = encoder_flops_per_token(tconf.num_hidden_layers, tconf.hidden_size,
-                                tconf.intermediate_size, seq_len)
-    t += head_fraction * head_flops_per_position(tconf.hidden_size, tconf.vocab_size)
-    s = encoder_flops_per_token(sconf.n_layers, sconf.dim, sconf.hidden_dim, seq_len)
-    s += head_fraction * head_flops_per_position(sconf.dim, sconf.vocab_size)
-    return t + 3.0 * s
+    from .families import family_of
+
+    def model(c) -> float:
+        return (encoder_flops_per_token(c.num_hidden_layers, c.hidden_size,
+                                        family_of(c).ffn_size(c), seq_len)
+                + head_fraction * head_flops_per_position(c.hidden_size, c.vocab_size))
+
+    return model(tconf) + 3.0 * model(sconf)
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None,

@@ -205,8 +205,10 @@ def card_body(cfg, results: dict) -> str:
     teacher_name = teacher_hub_id(cfg.teacher.name_or_path) or cfg.teacher.name_or_path
     lic, lic_from = teacher_license(cfg.teacher.name_or_path,
                                     (results.get("teacher") or {}).get("path", ""))
-    out = [f"# {n_layers}-layer DistilBERT student of {teacher_name.rsplit('/', 1)[-1]}", ""]
-    out.append(f"A `DistilBertForMaskedLM` distilled from `{teacher_name}` with distil-scale "
+    arch = results.get("arch", "DistilBertForMaskedLM")
+    out = [f"# {n_layers}-layer {arch.replace('ForMaskedLM', '')} student of "
+           f"{teacher_name.rsplit('/', 1)[-1]}", ""]
+    out.append(f"A `{arch}` distilled from `{teacher_name}` with distil-scale "
                "(the DistilBERT recipe, Sanh et al. 2019). Stock `transformers` loads it.")
     out.append("")
     if lic == "other":
@@ -226,7 +228,7 @@ def card_body(cfg, results: dict) -> str:
     else:
         init = "randomly initialised"
     width = results.get("dim") or s.dim
-    out.append(f"- **Student**: `DistilBertForMaskedLM`, {n_layers} layers, width {width}"
+    out.append(f"- **Student**: `{arch}`, {n_layers} layers, width {width}"
                + (f", {params / 1e6:.1f}M parameters" if params else "") + f", {init}; "
                f"dropout {s.dropout:g}, attention dropout {s.attention_dropout:g}.")
     out += _describe_teacher(cfg, results)

@@ -53,7 +53,7 @@ def main() -> int:
     elif cfg.parallel.backend == "deepspeed":
         raise ConfigError("parallel.backend: 'deepspeed' needs --ds DS_JSON "
                           "(e.g. --ds ds_configs/rtx4070.json)")
-    from .trainer import TrainingError, train
+    from .train import TrainingError, train
 
     cmd = " ".join([os.path.basename(sys.executable), *sys.argv])
     if "--resume" not in cmd:

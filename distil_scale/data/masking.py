@@ -13,6 +13,7 @@ report how many positions it selected (a synchronisation per micro-step).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 import zlib
@@ -119,3 +120,16 @@ class DynamicMasker:
 
     def load_state_dict(self, sd: dict) -> None:
         self.seed = sd["seed"]
+
+
+def make_masker(tokenizer, mcfg, *, seed: int, counts=None) -> DynamicMasker:
+    return DynamicMasker(
+        len(tokenizer), tokenizer.all_special_ids, tokenizer.mask_token_id,
+        mlm_prob=mcfg.mlm_prob, mask_frac=mcfg.mask_frac, random_frac=mcfg.random_frac,
+        keep_frac=mcfg.keep_frac, token_counts=counts, smoothing=mcfg.smoothing, seed=seed)
+
+
+def make_eval_masker(tokenizer, mcfg) -> DynamicMasker:
+    """Held-out masks: a fixed seed and no frequency smoothing, so every evaluation scores the
+    same positions and every token type counts as it occurs in text."""
+    return make_masker(tokenizer, dataclasses.replace(mcfg, smoothing=0.0), seed=12345)

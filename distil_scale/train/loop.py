@@ -1,0 +1,207 @@
+"""The pretraining loop: build, resume, step until done, export. Read it in one sitting.
+
+source -> pack -> mask -> engine.module (student) + frozen teacher -> triple loss -> step.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed
+from ..config import Config, dump_yaml
+from ..data.loader import StreamError
+from ..distributed import barrier
+from ..metrics import console_line, peak_memory_gib
+from ..model_card import write_card
+from .setup import Run, build, start
+from .step import StepOutcome, train_step
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, source dead); the message says what to do."""
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+          ds_config: dict | None = None, resume_command: str = "") -> dict:
+    t_start = time.time()
+    run = build(cfg, resume=resume, overwrite=overwrite, ds_config=ds_config)
+    if resume:
+        run.resume()
+    start(run)
+    state, t = run.state, cfg.train
+    start_step = state.step
+    if start_step == 0:
+        state.counters["acc_start"] = run.evaluate(0)["eval/student_mlm_acc"]
+    again = resume_command or "the same command plus --resume"
+    window, last_eval = Window(), None
+    bar = progress_bar(run, start_step)
+    run.engine.module.train()
+    state.start_generators(cfg.run.seed, run.rt.rank)  # nothing draws from here to step one
+    try:
+        with Preemption() as pre:
+            while state.step < t.max_steps:
+                step_start, t0 = run.loader.mark(), time.perf_counter()
+                out = train_step(run.engine, lambda: next_batch(run, step_start, again),
+                                 run.rt.accum, run.micro_loss)
+                if state.count_step(out, t.global_batch) >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{state.counters['nonfinite_run']} non-finite steps in a row at step "
+                        f"{state.step}; lower train.lr or check the data; last good checkpoint "
+                        f"in {run.ckpts.root}")
+                window.add(out, time.perf_counter() - t0)
+                bar.update(1)
+                step, last = state.step, state.step == t.max_steps
+                if step % t.log_every == 0 or last:
+                    log_window(run, window, out, bar)
+                if step % t.eval_every == 0 or last:
+                    last_eval = run.evaluate(step)
+                if step % cfg.checkpoint.every_steps == 0 or last:
+                    run.save_checkpoint()
+                if distributed.any_rank(pre.flag) and not last:
+                    if step % cfg.checkpoint.every_steps:
+                        run.save_checkpoint()
+                    run.rt.say(f"preempted: checkpoint saved at step {step}; resume with "
+                               f"{again}")
+                    return {"preempted": True, "step": step}
+    finally:
+        bar.close()
+        run.loader.close()
+    return export(run, last_eval or run.evaluate(state.step), window.last, start_step,
+                  time.time() - t_start)
+
+
+def next_batch(run: Run, step_start: int, again: str):
+    """The next micro-batch. Every rank learns of a dead stream before the next collective,
+    and all of them checkpoint the start of this step (its micro-batches are read again)."""
+    failure = ""
+    try:
+        mb = next(run.loader)
+    except StreamError as e:
+        failure = str(e)
+    if distributed.any_rank(bool(failure)):
+        run.save_checkpoint(data_at=step_start)
+        raise TrainingError(f"{failure or 'the data source failed on another rank'}; checkpoint "
+                            f"saved at step {run.state.step}, resume with {again}")
+    return mb
+
+
+class Window:
+    """Loss terms and timings summed since the last log line."""
+
+    def __init__(self):
+        self.last: dict = {}  # the last logged window's losses, for the model card
+        self.reset()
+
+    def reset(self) -> None:
+        self.terms: dict[str, torch.Tensor] = {}
+        self.seconds, self.wait, self.steps = 0.0, 0.0, 0
+
+    def add(self, out: StepOutcome, seconds: float) -> None:
+        for k, v in out.terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v
+        self.seconds += seconds
+        self.wait += out.wait_s
+        self.steps += 1
+
+
+def mean_over_ranks(terms: dict) -> dict[str, float]:
+    """Loss terms averaged over the data-parallel ranks: the global batch's loss, not rank 0's
+    share of it (one small all-reduce, at the log interval only)."""
+    keys = sorted(terms)
+    t = torch.stack([torch.as_tensor(terms[k]).float() for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def log_window(run: Run, w: Window, out: StepOutcome, bar) -> None:
+    cfg, rt, c = run.cfg, run.rt, run.state.counters
+    vals = {f"loss/{k}": v / w.steps for k, v in mean_over_ranks(w.terms).items()}
+    for k in list(vals):
+        alpha = getattr(run.weights, f"alpha_{k[5:]}", None)
+        if alpha is not None:
+            vals[f"{k}_weighted"] = vals[k] * alpha
+    step_s = w.seconds / w.steps
+    tps = cfg.train.global_batch * cfg.data.max_seq_len / step_s
+    vals.update({
+        "optim/lr": run.engine.lr(), "optim/grad_norm": float(out.result.grad_norm),
+        "optim/skipped_steps": c["skipped_total"], "data/sequences": c["sequences"],
+        "data/epoch": run.loader.epoch, "perf/step_s": step_s, "perf/tokens_per_s": tps,
+        "perf/mfu": tps * run.flops_per_token / (run.peak_flops * rt.world),
+        "perf/data_wait_pct": 100.0 * w.wait / w.seconds,
+        "mem/peak_gib": peak_memory_gib(rt.device)})
+    step = run.state.step
+    run.metrics.log(step, vals)
+    if rt.is_main:
+        bar.write(console_line(step, cfg.train.max_steps, vals))
+    bar.set_postfix(loss=f"{vals['loss/total']:.3f}")
+    w.last = {"losses": {k: v for k, v in vals.items() if k.startswith("loss/")},
+              "loss_window": [step - w.steps + 1, step]}
+    w.reset()
+
+
+def progress_bar(run: Run, start_step: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.cfg.train.max_steps, initial=start_step, unit="step",
+                dynamic_ncols=True, file=sys.stdout,
+                disable=not (run.rt.is_main and run.cfg.metrics.progress_bar
+                             and sys.stdout.isatty()))
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes the current step and checkpoints."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C really stops
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+def export(run: Run, last_eval: dict, last_log: dict, start_step: int, wall_s: float) -> dict:
+    """The student as a stock ``*ForMaskedLM`` with its tokenizer, model card and config."""
+    cfg, rt, c = run.cfg, run.rt, run.state.counters
+    export_dir = run.out / "student"
+    full = run.engine.export_module()  # a collective on sharded engines: every rank calls it
+    if rt.is_main and full is not None:
+        export_dir.mkdir(parents=True, exist_ok=True)
+        full.mlm.save_pretrained(export_dir)
+        run.tokenizer.save_pretrained(export_dir)
+    barrier()
+    acc_end, t_acc = last_eval["eval/student_mlm_acc"], run.teacher_eval[1]
+    summary = {"steps": run.state.step, "wall_s": wall_s, "acc_start": c["acc_start"],
+               "acc_end": acc_end, "teacher_acc": t_acc, "teacher": run.teacher_info,
+               "export": str(export_dir)}
+    began = f"{c['acc_start']:.1%} -> " if c["acc_start"] is not None else ""
+    rt.say(f"done: student held-out masked-token accuracy {began}{acc_end:.1%} "
+           f"(teacher {t_acc:.1%}) in {wall_s:.0f}s")
+    if rt.is_main and full is not None:
+        dump_yaml(cfg, export_dir / "training_args.yaml")
+        write_card(export_dir, cfg, {
+            **summary, **last_log, "start_step": start_step, "layers": run.layer_map,
+            "n_layers": len(run.layer_map), "dim": full.mlm.config.hidden_size,
+            "arch": type(full.mlm).__name__,
+            "params": run.n_params, "precision": rt.precision, "backend": run.engine.name,
+            "world": rt.world, "accum": rt.accum, "export_dir": str(export_dir)})
+    rt.say(f"export: {export_dir} ({type(run.student_mlm).__name__}.from_pretrained / "
+           "pipeline('fill-mask'); model card README.md, training_args.yaml)")
+    run.metrics.close()
+    return summary

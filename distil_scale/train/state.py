@@ -1,0 +1,83 @@
+"""Everything resumable besides the engine, in one dict: saved and loaded by the same code."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(),
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class TrainState:
+    """Step, counters, the data position, the masker's generator and the global generators.
+
+    The loader is attached once built (its transform reads ``first_step``, so the state exists
+    first). ``first_step`` is the step of the loader's first batch: 0, or where a resume starts,
+    so that batch k of the loader is masked as step first_step + k // accumulation.
+    """
+
+    def __init__(self, masker):
+        self.masker = masker
+        self.loader = None
+        self.step = 0
+        self.first_step = 0
+        self.counters = {"skipped_total": 0, "nonfinite_run": 0, "sequences": 0,
+                         "acc_start": None}
+        self._rng_at_start: dict | None = None
+
+    def state_dict(self, data_at: int | None = None) -> dict:
+        """``data_at``: a loader mark, to save the position of the start of an unfinished
+        step (its micro-batches are read again on resume)."""
+        return {"step": self.step, "data": self.loader.state_dict(at=data_at),
+                "masker": self.masker.state_dict(), "rng": rng_state(),
+                "counters": dict(self.counters)}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.step = self.first_step = st["step"]
+        self.loader.load_state_dict(st["data"])
+        self.masker.load_state_dict(st["masker"])
+        self._rng_at_start = st["rng"]  # restored by start_generators, just before step one
+        self.counters.update(st["counters"])
+
+    def start_generators(self, seed: int, rank: int) -> None:
+        """Nothing may draw from the global generators between this call and the first step: a
+        resumed run must see the dropout masks the uninterrupted run saw."""
+        if self._rng_at_start is not None:
+            set_rng_state(self._rng_at_start)
+        else:
+            seed_all(seed + 1000 * rank)  # dropout differs per rank, as in data parallelism
+
+    def count_step(self, outcome, global_batch: int) -> int:
+        """Book one optimizer step; returns how many non-finite steps have come in a row."""
+        self.step += 1
+        c = self.counters
+        c["sequences"] += global_batch
+        if outcome.result.skipped:
+            c["skipped_total"] += 1
+            # an fp16 loss-scale backoff on a finite loss is the scaler calibrating
+            if outcome.result.diverged(loss_finite=bool(torch.isfinite(outcome.loss))):
+                c["nonfinite_run"] += 1
+        else:
+            c["nonfinite_run"] = 0
+        return c["nonfinite_run"]

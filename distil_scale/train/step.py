@@ -1,0 +1,69 @@
+"""One optimizer step, for every loop: pretraining, GLUE fine-tuning, task distillation and
+teacher preparation all go through :func:`train_step` on an engine."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..engine.base import StepResult
+from ..losses import LossWeights, distillation_loss
+
+
+def distill_step(student, teacher, mb, weights: LossWeights, kl_all: bool, device):
+    """Teacher forward (inference mode) and student forward; returns (total, raw terms).
+
+    Every selection is a gather by flat row indices the masker computed on the host: no
+    boolean indexing, so nothing in the step waits for the device to count positions.
+    """
+    ids = mb.input_ids.to(device, non_blocking=True)
+    mask = mb.attention_mask.to(device, non_blocking=True)
+    real = mb.real_rows.to(device, non_blocking=True)
+    labels = mb.labels.to(device, non_blocking=True)
+    # Vocabulary logits only where a loss reads them: every real token when the KL term covers
+    # all of them (the MLM term then reads the masked rows among those), else the masked ones.
+    if kl_all:
+        positions, mlm_rows = real, mb.masked_in_real.to(device, non_blocking=True)
+    else:
+        positions, mlm_rows = mb.masked_rows.to(device, non_blocking=True), slice(None)
+    with torch.inference_mode():
+        t = teacher(ids, mask, positions)
+    t = t.clone()  # inference tensors cannot be saved for backward; a clone is a normal one
+    s = student(ids, mask, positions)
+    return distillation_loss(s, t, labels, real, mlm_rows, weights)
+
+
+@dataclass
+class StepOutcome:
+    loss: torch.Tensor               # the step's mean micro-batch loss (on the device)
+    terms: dict[str, torch.Tensor]   # raw loss terms, averaged over the micro-batches
+    result: StepResult               # what the engine's update did
+    wait_s: float                    # time spent waiting for batches
+
+
+def train_step(engine, next_batch: Callable[[], object], accum: int,
+               micro_loss: Callable[[object, object], tuple]) -> StepOutcome:
+    """``accum`` micro-batches of forward and backward, then the engine's update.
+
+    ``micro_loss(module, batch) -> (loss, raw terms)``. The gradient is synchronised on the last
+    micro-batch only (the engine's ``accumulate``); nothing here reads a value back from the
+    device, so a GPU never waits on the host inside a step.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    total = 0.0
+    wait = 0.0
+    for i in range(accum):
+        t0 = time.perf_counter()
+        batch = next_batch()
+        wait += time.perf_counter() - t0
+        with engine.accumulate(last=i == accum - 1):
+            with engine.autocast():
+                loss, raw = micro_loss(engine.module, batch)
+            engine.backward(loss)
+        for k, v in raw.items():
+            terms[k] = terms.get(k, 0.0) + v.detach() / accum
+        total = total + loss.detach() / accum
+    terms["total"] = total
+    return StepOutcome(total, terms, engine.step(), wait)
