@@ -57,9 +57,22 @@ class GlueTrainConfig:
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    # auto: bf16 autocast where the device does bf16 natively, else fp32
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: bf16 where the device does bf16 natively; on a V100 fp16 with loss scaling; on a
+    # CPU without bf16 matmuls fp32 (the same rule as pretraining: distil_scale.runtime)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # consecutive non-finite steps before the run stops (fp16 scale calibration not counted)
+    max_nonfinite_steps: int = 5
     progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class GlueParallelConfig:
+    # auto: ddp under torchrun/deepspeed (WORLD_SIZE > 1), else plain; or plain, ddp, fsdp,
+    # deepspeed, as for pretraining
+    backend: Literal["auto", "plain", "ddp", "fsdp", "deepspeed"] = "auto"
+    # the DeepSpeed JSON (backend deepspeed), e.g. ds_configs/cpu.json; ZeRO stages 0-2
+    ds_config: str = ""
 
 
 @dataclass
@@ -80,6 +93,7 @@ class GlueConfig:
     data: GlueDataConfig = field(default_factory=GlueDataConfig)
     train: GlueTrainConfig = field(default_factory=GlueTrainConfig)
     distill: GlueDistillConfig = field(default_factory=GlueDistillConfig)
+    parallel: GlueParallelConfig = field(default_factory=GlueParallelConfig)
 
     def validate(self) -> "GlueConfig":
         t, d, k = self.train, self.data, self.distill
@@ -94,6 +108,10 @@ class GlueConfig:
         _check(d.max_eval_samples >= 0, "data.max_eval_samples", "must be >= 0 (0 = all)")
         _check(8 <= d.max_length <= 512, "data.max_length", "must be in [8, 512]")
         _check(self.run.seeds >= 1, "run.seeds", "must be >= 1")
+        _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+        _check(self.parallel.backend != "deepspeed" or bool(self.parallel.ds_config),
+               "parallel.ds_config", "the deepspeed backend needs a DeepSpeed JSON; set "
+               "parallel.ds_config=ds_configs/cpu.json (or another profile)")
         _check(0 <= k.alpha <= 1, "distill.alpha", f"must be in [0, 1] (got {k.alpha})")
         _check(k.temperature > 0, "distill.temperature", "must be > 0")
         _check(k.alpha_cos >= 0, "distill.alpha_cos", "must be >= 0")

@@ -17,8 +17,7 @@ from .config import GlueConfig
 from .modeling import (load_for_finetune, load_teacher, load_tokenizer, resolve_model,
                        same_vocab, student_from_teacher)
 from .runner import (Prepared, default_out_dir, encode, fmt_metrics, log,
-                     make_collate, model_inputs, prepare_data, run_seeds, score, setup_dist,
-                     teardown_dist)
+                     make_collate, model_inputs, prepare_data, run_seeds, score, setup_runtime)
 from .tasks import Task
 from . import metrics as M
 
@@ -55,14 +54,13 @@ class TaskDistillLoss:
                           log_target=True, reduction="batchmean") * (T * T)
             task = F.cross_entropy(s_logits, labels)
         total = self.alpha * kd + (1 - self.alpha) * task
-        parts = {"loss/kd": kd.detach(), "loss/task": task.detach()}
+        parts = {"kd": kd.detach(), "task": task.detach()}
         if want_h:
             t_cls = t_out.hidden_states[-1][:, 0].float().clone()
             s_cls = s_out.hidden_states[-1][:, 0].float()
             cos = 1 - F.cosine_similarity(s_cls, t_cls, dim=-1).mean()
             total = total + self.alpha_cos * cos
-            parts["loss/cos"] = cos.detach()
-        parts["loss/total"] = total.detach()
+            parts["cos"] = cos.detach()
         return total, parts
 
 
@@ -82,7 +80,7 @@ def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConf
         s_path = None
     else:
         s_path = resolve_model(student_spec, "--student")
-    d = setup_dist()
+    d, backend, ds = setup_runtime(cfg)
     try:
         teacher = load_teacher(t_path, task, spec=teacher_spec)
         teacher.to(d.device).eval().requires_grad_(False)
@@ -123,12 +121,12 @@ def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConf
 
         out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
             default_out_dir(task, student_spec, "-distill")
-        prep = Prepared(task, splits, tokenizer, student_spec, out_dir)
+        prep = Prepared(task, splits, tokenizer, student_spec, out_dir, backend, ds)
         loss = TaskDistillLoss(teacher, cfg.distill.alpha, cfg.distill.temperature,
                                cfg.distill.alpha_cos, task.is_regression)
         extra = {"mode": "distill", "teacher": teacher_spec, "student": student_spec,
                  "teacher_metrics": t_metrics, "distill": to_dict(cfg.distill)}
         return run_seeds(prep, cfg, build, loss, d, extra)
     finally:
-        teardown_dist(d)
+        d.close()
 

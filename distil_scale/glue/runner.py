@@ -8,7 +8,6 @@ the same metric and only rank 0 writes.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
@@ -29,51 +28,28 @@ from .tasks import Task
 
 
 # ----------------------------------------------------------------------------------------------
-# distributed context
+# the runtime: process group, device, precision (distil_scale.runtime, as pretraining)
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: "object" = None
-    owns_group: bool = False
+def setup_runtime(cfg: GlueConfig):
+    """Join the launcher's process group (torchrun, deepspeed, accelerate launch) and resolve
+    device and precision once; ``parallel.backend=auto`` is ddp under a launcher, else plain."""
+    from .. import runtime
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "plain"
+    ds = None
+    if backend == "deepspeed":
+        from ..ds_config import read_ds_json
 
-
-def setup_dist() -> Dist:
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return Dist(rank, world, local, device, owns)
+        ds = read_ds_json(cfg.parallel.ds_config)
+    rt = runtime.resolve(backend=backend, precision=cfg.train.precision, ds_config=ds)
+    return rt, backend, ds
 
 
-def teardown_dist(d: Dist) -> None:
-    import torch.distributed as dist
-
-    if d.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def log(d: Dist, msg: str) -> None:
-    if d.main:
-        print(msg, flush=True)
+def log(rt, msg: str) -> None:
+    rt.say(msg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,27 +92,6 @@ def model_inputs(model, batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in keys}
 
 
-def autocast_ctx(device, precision: str):
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "auto":
-        if device.type == "cuda":
-            # emulated bf16 (V100) is slower than fp32 there; fine-tuning has no fp16 scaler
-            from ..engine.base import cuda_bf16_native
-
-            ok = cuda_bf16_native()
-        else:
-            try:
-                ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-            except Exception:
-                ok = False
-        if not ok:
-            return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 # ----------------------------------------------------------------------------------------------
 # losses
 
@@ -146,15 +101,14 @@ class FinetuneLoss:
 
     def __call__(self, model, batch: dict):
         out = model(**model_inputs(model, batch))
-        return out.loss, {"loss/task": out.loss.detach()}
+        return out.loss, {"task": out.loss.detach()}
 
 
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
 
-def predict(model, rows: list[dict], collate, d: Dist, batch_size: int, precision: str,
-            regression: bool) -> list:
+def predict(model, rows: list[dict], collate, d, batch_size: int, regression: bool) -> list:
     """Predictions for every row, in order; each rank scores rows rank, rank+world, ..."""
     import torch
     import torch.distributed as dist
@@ -167,7 +121,7 @@ def predict(model, rows: list[dict], collate, d: Dist, batch_size: int, precisio
             batch = collate([rows[j] for j in mine[i:i + batch_size]])
             batch.pop("labels")
             batch = {k: v.to(d.device) for k, v in batch.items()}
-            with autocast_ctx(d.device, precision):
+            with d.autocast():
                 logits = model(**model_inputs(model, batch)).logits.float()
             preds += (logits[:, 0] if regression else logits.argmax(-1)).tolist()
     model.train()
@@ -182,9 +136,8 @@ def predict(model, rows: list[dict], collate, d: Dist, batch_size: int, precisio
     return out
 
 
-def score(task: Task, split: str, model, rows, collate, d: Dist, cfg: GlueConfig) -> dict:
-    preds = predict(model, rows, collate, d, cfg.train.eval_batch_size, cfg.train.precision,
-                    task.is_regression)
+def score(task: Task, split: str, model, rows, collate, d, cfg: GlueConfig) -> dict:
+    preds = predict(model, rows, collate, d, cfg.train.eval_batch_size, task.is_regression)
     return M.compute(M.split_metric_names(task, split), preds, [r["labels"] for r in rows])
 
 
@@ -211,6 +164,8 @@ class Prepared:
     tokenizer: object
     model_name: str
     out_dir: Path
+    backend: str = "plain"         # the engine (runtime-resolved parallel.backend)
+    ds: Optional[dict] = None      # the DeepSpeed JSON, read (backend deepspeed)
 
 
 def prepare_data(task: Task, cfg: GlueConfig) -> Splits:
@@ -221,22 +176,58 @@ def prepare_data(task: Task, cfg: GlueConfig) -> Splits:
                        sample_seed=cfg.data.sample_seed)
 
 
+def make_engine(prep: Prepared, cfg: GlueConfig, model, total_steps: int, rt):
+    """The pretraining engines, for fine-tuning: every backend, precision (with fp16 loss
+    scaling) and the non-finite guard reach GLUE runs too."""
+    import copy
+
+    from ..engine import engine_class
+    from ..engine.deepspeed import zero_stage
+    from ..ds_config import reconcile
+
+    tc = cfg.train
+    kw = {}
+    if prep.ds is not None:
+        path = cfg.parallel.ds_config
+        ds = reconcile(copy.deepcopy(prep.ds), path, micro=tc.batch_size // rt.world,
+                       glob=tc.batch_size, world=rt.world, max_grad_norm=tc.max_grad_norm,
+                       lr=tc.lr, weight_decay=tc.weight_decay, eps=tc.adam_eps,
+                       precision=tc.precision)
+        if zero_stage(ds) > 2:
+            # the best epoch's weights are kept and scored whole; ZeRO-3 leaves each rank a
+            # shard, and a GLUE model fits on one device anyway
+            raise UserError(f"parallel.ds_config: '{path}' uses ZeRO-3; fine-tuning takes "
+                            "stages 0-2 (e.g. ds_configs/cpu.json or rtx4070.json)")
+        kw["ds_config"] = ds
+    return engine_class(prep.backend)(
+        model, lr=tc.lr, weight_decay=tc.weight_decay, adam_eps=tc.adam_eps,
+        warmup_steps=int(tc.warmup_ratio * total_steps), total_steps=total_steps,
+        max_grad_norm=tc.max_grad_norm, precision=rt.precision, accum_steps=1,
+        device=rt.device, **kw)
+
+
 def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
-              build_model: Callable[[int], tuple], loss_fn, d: Dist,
+              build_model: Callable[[int], tuple], loss_fn, d,
               extra: Optional[dict] = None) -> dict:
-    """Train with ``seed``; select the best epoch on the selection split; report; write
-    ``results.json`` (rank 0). ``build_model(seed)`` returns (model, description dict)."""
+    """Train with ``seed`` on the engine; select the best epoch on the selection split; report;
+    write ``results.json``, metrics.jsonl and TensorBoard events (rank 0).
+    ``build_model(seed)`` returns (model, description dict)."""
+    import copy
+
     import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader, DistributedSampler
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
+
+    from ..distributed import from_rank0
+    from ..metrics import MetricsLogger
+    from ..train.loop import Window, mean_over_ranks
+    from ..train.step import train_step
 
     task, splits, tc = prep.task, prep.splits, cfg.train
     t0 = time.time()
     torch.manual_seed(seed)
     model, model_info = build_model(seed)
-    model.to(d.device)
+    pristine = copy.deepcopy(model)  # receives the best epoch's weights for the final scores
     collate = make_collate(prep.tokenizer.pad_token_id or 0, task.is_regression)
 
     train_rows = encode(prep.tokenizer, splits.train, cfg.data.max_length)
@@ -251,51 +242,53 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
 
     if tc.batch_size % d.world:
         raise UserError(f"train.batch_size: {tc.batch_size} does not split over {d.world} ranks")
-    per_rank = tc.batch_size // d.world
     sampler = DistributedSampler(train_rows, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=seed)
-    loader = DataLoader(train_rows, batch_size=per_rank, sampler=sampler, collate_fn=collate)
+    loader = DataLoader(train_rows, batch_size=tc.batch_size // d.world, sampler=sampler,
+                        collate_fn=collate)
     steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * tc.epochs
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-         "weight_decay": tc.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
-         "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, eps=tc.adam_eps)
-    sched = get_linear_schedule_with_warmup(opt, int(tc.warmup_ratio * total_steps), total_steps)
-    wrapped = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
-        if d.world > 1 else model
+    engine = make_engine(prep, cfg, model, steps_per_epoch * tc.epochs, d)
+    metrics = MetricsLogger(out_dir, enabled=d.is_main, tensorboard=tc.tensorboard)
 
     sizes = [f"train {len(train_rows)} (of {splits.train_total})",
              f"{splits.select_name} {len(select_rows)}"]
     sizes += [f"{k} {len(v)}" for k, v in report_rows.items() if k != splits.select_name]
-    log(d, f"{task.name}: " + "  ".join(sizes) + f"  | {steps_per_epoch} steps/epoch x {tc.epochs}  batch {tc.batch_size}"
-           + (f" ({d.world} ranks)" if d.world > 1 else "") + f"  seed {seed}")
-    history, best, best_state, step = [], None, None, 0
-    model.train()
+    log(d, f"{task.name}: " + "  ".join(sizes) + f"  | {steps_per_epoch} steps/epoch x "
+           f"{tc.epochs}  batch {tc.batch_size}" + (f" ({d.world} ranks)" if d.world > 1 else "")
+           + f"  seed {seed}  {engine.name} {d.precision}")
+    history, best, best_state, step, nonfinite = [], None, None, 0, 0
+    window = Window()
+    engine.module.train()
     for epoch in range(1, tc.epochs + 1):
         sampler.set_epoch(epoch)
         # summed on the device; .item() only at the log interval (it syncs a GPU)
         loss_sum, n = torch.zeros((), dtype=torch.float64, device=d.device), 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{tc.epochs}", leave=False, dynamic_ncols=True,
-                   mininterval=2.0, disable=not (d.main and tc.progress_bar), file=sys.stderr)
+                   mininterval=2.0, disable=not (d.is_main and tc.progress_bar), file=sys.stderr)
         for batch in bar:
             batch = {k: v.to(d.device) for k, v in batch.items()}
-            with autocast_ctx(d.device, tc.precision):
-                loss, _parts = loss_fn(wrapped, batch)
-            loss.backward()
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().double()
-            n += 1
+            ts = time.perf_counter()
+            out = train_step(engine, lambda: batch, 1, loss_fn)
             step += 1
+            if out.result.skipped:
+                # an fp16 loss-scale backoff on a finite loss is the scaler calibrating
+                nonfinite += out.result.diverged(loss_finite=bool(torch.isfinite(out.loss)))
+            else:
+                nonfinite = 0
+            if nonfinite >= tc.max_nonfinite_steps:
+                raise UserError(f"train.lr: {nonfinite} non-finite steps in a row at step "
+                                f"{step}; lower train.lr (or use train.precision=fp32)")
+            window.add(out, time.perf_counter() - ts)
+            loss_sum += out.loss.double()
+            n += 1
             if step % 10 == 0:
+                vals = {f"loss/{k}": v / window.steps
+                        for k, v in mean_over_ranks(window.terms).items()}
+                vals.update({"optim/lr": engine.lr(),
+                             "optim/grad_norm": float(out.result.grad_norm),
+                             "perf/step_s": window.seconds / window.steps})
+                metrics.log(step, vals)
+                window.reset()
                 bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}")
         bar.close()
         train_loss = loss_sum.item() / max(n, 1)
@@ -303,17 +296,23 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
             t = torch.tensor([train_loss], dtype=torch.float64, device=d.device)
             torch.distributed.all_reduce(t)
             train_loss = t.item() / d.world
-        sel = score(task, "dev", model, select_rows, collate, d, cfg)
+        sel = score(task, "dev", engine.module, select_rows, collate, d, cfg)
+        metrics.log(step, {"train/epoch_loss": train_loss,
+                           **{f"eval/{splits.select_name}_{k}": v for k, v in sel.items()}})
         history.append({"epoch": epoch, "train_loss": train_loss, splits.select_name: sel})
         log(d, f"epoch {epoch}/{tc.epochs}  train_loss {train_loss:.3f}  {splits.select_name} "
                f"{fmt_metrics({task.main_metric: sel[task.main_metric]}, base_select)}"
                + (f"  {fmt_metrics({k: v for k, v in sel.items() if k != task.main_metric})}"
                   if len(sel) > 1 else "") + f"  [{time.time() - t0:.0f} s]")
+        # every rank sees the same gathered score, so every rank takes this branch
         if best is None or sel[task.main_metric] > best[task.main_metric]:
             best, best_epoch = sel, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = engine.full_state_dict()  # a collective on sharded engines
+    metrics.close()
 
-    model.load_state_dict(best_state)
+    model = pristine
+    model.load_state_dict(from_rank0(best_state))
+    model.to(d.device)
     results_metrics = {}
     for name, rows in report_rows.items():
         results_metrics.update(best if name == splits.select_name
@@ -336,6 +335,8 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
         "train_examples": len(train_rows),
         "train_total": splits.train_total,
         "world_size": d.world,
+        "backend": engine.name,
+        "precision": d.precision,
         "data": cfg.data.data_dir or "hub:nyu-mll/glue",
         "model_info": model_info,
         "host": {"python": platform.python_version(), "torch": torch.__version__,
@@ -345,7 +346,7 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
     log(d, f"{task.name} {cfg.run.protocol} seed {seed}: "
            f"{fmt_metrics(results_metrics, baseline)}  best epoch {best_epoch}  "
            f"{step} steps  {wall:.1f} s")
-    if d.main:
+    if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.run.save_model:
             mdir = out_dir / "model"
@@ -366,10 +367,10 @@ def write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d: Dist,
+def run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d,
               extra: Optional[dict] = None) -> dict:
     """One run, or ``run.seeds`` runs (seed, seed+1, ...) summarised by the median."""
-    if d.main:
+    if d.is_main:
         prep.out_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, prep.out_dir / "config.yaml")
     if cfg.run.seeds == 1:
@@ -400,7 +401,7 @@ def run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d: Dist,
     }
     log(d, f"{prep.task.name} median of {len(runs)} seeds: "
            f"{fmt_metrics(median, summary['majority_baseline'])}")
-    if d.main:
+    if d.is_main:
         write_json(prep.out_dir / "results.json", summary)
     return summary
 
@@ -420,12 +421,12 @@ def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
 
     splits = prepare_data(task, cfg)          # bad data is refused before any model loads
     path = resolve_model(model_spec)
-    d = setup_dist()
+    d, backend, ds = setup_runtime(cfg)
     try:
         tokenizer = load_tokenizer(path)
         out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
             default_out_dir(task, model_spec)
-        prep = Prepared(task, splits, tokenizer, model_spec, out_dir)
+        prep = Prepared(task, splits, tokenizer, model_spec, out_dir, backend, ds)
 
         def build(seed: int):
             model, new = load_for_finetune(path, task)
@@ -436,4 +437,4 @@ def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
 
         return run_seeds(prep, cfg, build, FinetuneLoss(), d, {"mode": "finetune"})
     finally:
-        teardown_dist(d)
+        d.close()
