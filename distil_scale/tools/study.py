@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import UserError, main_guard
+from ..cli import UserError, main_guard
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo.yaml"
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
@@ -82,8 +82,8 @@ def pretrain_cell(out: Path, v: Variant, b: Budget, overrides: list[str]) -> dic
     done = out / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
-    from .config import load_config
-    from .trainer import train
+    from ..config import load_config
+    from ..train import train
 
     cfg = load_config(str(DEMO), [
         f"run.output_dir={out}", f"train.max_steps={b.steps}", f"train.eval_every={b.steps}",
@@ -103,7 +103,7 @@ def pretrain_cell(out: Path, v: Variant, b: Budget, overrides: list[str]) -> dic
 # -- GLUE -------------------------------------------------------------------------------------
 def _glue_cfg(task: str, b: Budget, out: Path, data_dir: str, save_model: bool,
               extra: tuple = ()):
-    from .glue.config import load_glue_config
+    from ..glue.config import load_glue_config
 
     return load_glue_config(task, overrides=[
         f"run.output_dir={out}", f"run.seeds={b.seeds}", f"run.save_model={save_model}",
@@ -138,9 +138,9 @@ def teacher_model_dir(cell: Path) -> Path:
 
 def run_study(out: Path, b: Budget, overrides: list[str], data_dir: str,
               student_layers: str) -> dict:
-    from .glue.distill import distill_task
-    from .glue.runner import finetune
-    from .glue.tasks import get_task
+    from ..glue.distill import distill_task
+    from ..glue.runner import finetune
+    from ..glue.tasks import get_task
 
     t0 = time.time()
     pre = {v.name: pretrain_cell(out / "pretrain" / v.name, v, b, overrides) for v in VARIANTS}
@@ -201,7 +201,7 @@ def _cells_wall(res: dict) -> float:
 
 
 def render(res: dict, rows: dict, command: str) -> str:
-    from .glue.tasks import get_task
+    from ..glue.tasks import get_task
 
     tasks = list(res["glue"])
     b = res["budget"]
@@ -336,7 +336,7 @@ def main() -> int:
         key = o.split("=", 1)[0]
         if key in _STUDY_KEYS:
             raise UserError(f"{key}: set by the study ({_STUDY_KEYS[key]}); drop the override")
-    from .glue.tasks import get_task
+    from ..glue.tasks import get_task
 
     for t in b.tasks:
         get_task(t)  # an unknown task is refused before any run
