@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import make_tiny_teacher, run_launcher, tiny_overrides, write_corpus
+from fixtures import make_tiny_teacher, run_launcher, tiny_overrides, write_corpus
 from distil_scale import pretrain_cli
 
 
@@ -35,9 +35,9 @@ def bad(tmp_path_factory, tiny_teacher):
     (d / "nodata").mkdir()
     (d / "nodata" / "readme.md").write_text("no corpus here")
     (d / "noconfig").mkdir()
-    from transformers import DistilBertConfig, DistilBertForMaskedLM
-    DistilBertForMaskedLM(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2,
-                                           hidden_dim=64)).save_pretrained(d / "distil")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        d / "gpt2")
     # a BERT whose vocabulary is smaller than its tokenizer's
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
@@ -81,13 +81,14 @@ CASES = [
     ("fp16-on-cpu", ["train.precision=fp16"], "train.precision: fp16 needs a CUDA GPU"),
     ("teacher-missing", ["teacher.name_or_path={d}/no/such/teacher"], "no such directory"),
     ("teacher-no-config", ["teacher.name_or_path={d}/noconfig"], "has no config.json"),
-    ("teacher-not-bert", ["teacher.name_or_path={d}/distil"],
-     "is a 'distilbert' model; the teacher must be a BERT checkpoint"),
+    ("teacher-not-mlm", ["teacher.name_or_path={d}/gpt2"],
+     "is a 'gpt2' model; the teacher must be a masked LM of one of: bert"),
     ("teacher-headless", ["teacher.name_or_path={d}/headless", "teacher.prepare_steps=0"],
      "has no MLM head"),
     ("tokenizer-vocab", ["teacher.name_or_path={d}/smallvocab"],
      "tokens but the model's vocab_size is 1000"),
-    ("student-wider", ["student.dim=128"], "student.dim: 128 differs from the teacher's 64"),
+    ("student-wider", ["student.dim=128"],
+     "student.init: teacher copies 64-wide weights into a 128"),
     ("student-layers", ["student.layers=0,7"], "student.layers: [0, 7] out of range"),
     ("student-deeper", ["student.n_layers=6"], "student.n_layers: 6 > the teacher's 4 layers"),
     ("seq-too-long", ["data.max_seq_len=1024"], "data.max_seq_len: 1024 exceeds the teacher's"),

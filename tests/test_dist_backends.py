@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import (REPO, kill_all_of, launch_cmd, make_tiny_teacher, read_metrics, run, start,
+from fixtures import (REPO, kill_all_of, launch_cmd, make_tiny_teacher, metrics_by_step, run, start,
                       wait_for, write_corpus)
 
 DS_CPU = REPO / "ds_configs" / "cpu.json"
@@ -92,7 +92,7 @@ def test_two_ranks_train_checkpoint_export_resume(name, assets, tmp_path):
     log = run(launch_cmd(launcher, 2, args))
     assert " x2 " in log, log[-3000:]  # "backend <name> x2": two ranks took part
 
-    m = read_metrics(out)
+    m = metrics_by_step(out)
     losses = [m[s]["loss/total"] for s in range(1, 7)]
     assert all(math.isfinite(x) for x in losses), losses
     assert sum(losses[-2:]) < sum(losses[:2]), f"loss did not fall: {losses}"
@@ -125,11 +125,11 @@ def test_two_ranks_train_checkpoint_export_resume(name, assets, tmp_path):
         wait_for(killed / "checkpoints" / "step-00000003" / "COMPLETE", proc)
         kill_all_of(killed)
         proc.wait()
-        done = [s for s, row in read_metrics(killed).items() if "loss/total" in row]
+        done = [s for s, row in metrics_by_step(killed).items() if "loss/total" in row]
         assert max(done) < 6, "the run finished before the kill"
         log = run(launch_cmd(launcher, 2, args + ["--resume"]))
         assert "(step 3)" in log, log[-3000:]
-        again = read_metrics(killed)
+        again = metrics_by_step(killed)
         assert sorted(s for s, row in again.items() if "loss/total" in row) == list(range(1, 7))
         for s in (4, 5, 6):
             assert again[s]["loss/total"] == pytest.approx(m[s]["loss/total"], abs=1e-6,
@@ -142,7 +142,7 @@ def test_two_ranks_train_checkpoint_export_resume(name, assets, tmp_path):
     args = [*backend_args, *tiny_args(assets, out, precision), "--resume"]
     log = run(launch_cmd(launcher, 2, args))
     assert "(step 3)" in log, log[-3000:]
-    again = read_metrics(out)
+    again = metrics_by_step(out)
     for s in (4, 5, 6):
         assert again[s]["loss/total"] == pytest.approx(m[s]["loss/total"], rel=1e-4), s
     assert (ckpts / "step-00000006" / "COMPLETE").is_file()

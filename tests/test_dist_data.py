@@ -17,14 +17,14 @@ from transformers import AutoTokenizer
 
 from distil_scale.config import DataConfig
 from distil_scale.data.loader import PretrainStream
-from fixtures import tokenizer_path, write_aligned_corpus
+from fixtures import minilm_path, write_aligned_corpus
 
 SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return AutoTokenizer.from_pretrained(tokenizer_path())
+    return AutoTokenizer.from_pretrained(minilm_path())
 
 
 def read(cfg, tok, micro, steps, rank=0, world=1) -> list[list[tuple]]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from fixtures import (REPO, launch_cmd, make_tiny_teacher, read_metrics, run, tokenizer_path,
+from fixtures import (REPO, launch_cmd, make_tiny_teacher, metrics_by_step, minilm_path, run,
                       write_aligned_corpus)
 
 DS_CPU = REPO / "ds_configs" / "cpu.json"
@@ -36,7 +36,7 @@ SEQ, STEPS = 32, 6
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("equiv")
     teacher = make_tiny_teacher(d / "teacher", layers=4, hidden=64)
-    tok = AutoTokenizer.from_pretrained(tokenizer_path())
+    tok = AutoTokenizer.from_pretrained(minilm_path())
     corpus = write_aligned_corpus(d / "aligned.jsonl", tok, SEQ, n_train=64, n_heldout=4,
                                   heldout_fraction=0.05)
     return d, teacher, corpus
@@ -70,7 +70,7 @@ def test_one_process_with_accumulation_equals_two_ranks(setup):
         log = run(launch_cmd(launcher, n, [*extra, *args(out, teacher, corpus)]))
         accum = 2 // n
         assert f"micro 2 x accumulation {accum} x {n} processes" in log, log[-2000:]
-        metrics[label] = read_metrics(out)
+        metrics[label] = metrics_by_step(out)
 
     ref_label = "1 process, accumulation 2"
     ref = metrics[ref_label]

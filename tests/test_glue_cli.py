@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from glue_fixtures import make_tiny_model, write_fixture
+from fixtures import make_tiny_model, write_fixture
 
-REPO = Path(__file__).resolve().parents[1]
+from fixtures import REPO  # noqa: E402
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 

@@ -9,9 +9,11 @@ from distil_scale.config import ConfigError
 from distil_scale.glue.config import load_glue_config
 from distil_scale.glue.data import Example, carve, make_splits, read_local, read_tsv
 from distil_scale.glue.tasks import TASKS, get_task
-from glue_fixtures import write_fixture
+from fixtures import write_fixture
 
-SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+from fixtures import SHARED  # noqa: E402
+
+SHARED_GLUE = SHARED / "data" / "glue"
 
 
 def test_cola_has_no_header_and_keeps_quotes(tmp_path):

@@ -1,4 +1,5 @@
-"""Fine-tuning under torchrun: 2 real processes on gloo (CPU), DDP, one results.json."""
+"""Fine-tuning under torchrun: 2 real processes on gloo (CPU), on the DDP, FSDP2 and DeepSpeed
+engines, one results.json and the pretraining loop's metric names."""
 import json
 import os
 import shutil
@@ -9,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from glue_fixtures import make_tiny_model, write_fixture
+from fixtures import make_tiny_model, write_fixture
 
-REPO = Path(__file__).resolve().parents[1]
+from fixtures import REPO  # noqa: E402
 
 
 @pytest.mark.slow
-def test_finetune_under_torchrun_two_ranks(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "fsdp", "deepspeed"])
+def test_finetune_under_torchrun_two_ranks(tmp_path, backend):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     model = make_tiny_model(tmp_path / "tiny")
     data = write_fixture(tmp_path / "glue", "mrpc", n_train=48, n_dev=13)
@@ -25,7 +27,9 @@ def test_finetune_under_torchrun_two_ranks(tmp_path):
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "launch" / "finetune.py"),
            "--task", "mrpc", "--model", str(model), "--data-dir", str(data), "--output-dir", str(out),
            "train.epochs=2", "train.batch_size=8", "train.lr=1e-3", "data.max_length=32",
-           "train.progress_bar=false"]
+           "train.progress_bar=false", f"parallel.backend={backend}"]
+    if backend == "deepspeed":
+        cmd.append(f"parallel.ds_config={REPO / 'ds_configs' / 'cpu.json'}")
     # own process group: a hung run is killed with its workers, not left behind
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=REPO, start_new_session=True)
@@ -46,4 +50,11 @@ def test_finetune_under_torchrun_two_ranks(tmp_path):
     assert abs(r["metrics"]["accuracy"] * 13 - round(r["metrics"]["accuracy"] * 13)) < 1e-6
     # rank 0 alone logs the epoch lines and writes
     assert stdout.count("epoch 2/2") == 1
-    assert sorted(x.name for x in out.iterdir()) == ["config.yaml", "model", "results.json"]
+    assert sorted(x.name for x in out.iterdir()) == ["config.yaml", "metrics.jsonl", "model",
+                                                     "results.json", "tb"]
+    assert r["backend"] == {"auto": "ddp"}.get(backend, backend)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss/task" in x] == [10]
+    assert {"loss/total", "optim/lr", "optim/grad_norm"} <= set(next(x for x in lines if "loss/task" in x))
+    assert [x["step"] for x in lines if "eval/dev_f1" in x] == [6, 12]
+    assert list((out / "tb").glob("events.out.tfevents.*"))

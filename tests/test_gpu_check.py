@@ -88,7 +88,7 @@ def test_zero_accumulation_error_on_cpu_bf16():
     """In a process of its own: DeepSpeed's process group must not outlive the check."""
     code = (
         "import json, sys\n"
-        "from distil_scale.gpu_check import zero_grad_accum_error\n"
+        "from distil_scale.tools.gpu_check import zero_grad_accum_error\n"
         "ds = json.load(open(sys.argv[1]))\n"
         "shipped = {k: ds[k] for k in ('zero_optimization', 'data_types') if k in ds}\n"
         "bare = {'zero_optimization': ds['zero_optimization']}\n"
@@ -106,7 +106,7 @@ def test_zero_accumulation_error_on_cpu_bf16():
 
 
 def test_profile_copies_change_only_the_precision_switches(tmp_path):
-    from distil_scale.gpu_check import SMOKE, Ctx, profile_json
+    from distil_scale.tools.gpu_check import SMOKE, Ctx, profile_json
 
     ctx = Ctx(SMOKE, True, tmp_path, "t", "s", 0.0, 1.0, {}, 1.0)
     for profile in ("rtx4070", "v100x8"):
@@ -123,7 +123,7 @@ def test_profile_copies_change_only_the_precision_switches(tmp_path):
 
 
 def test_refusals_are_read_from_plain_and_torchrun_output():
-    from distil_scale.gpu_check import CASES, CaseResult, refusal_line
+    from distil_scale.tools.gpu_check import CASES, CaseResult, refusal_line
 
     line = "train.precision: fp16 is not supported with parallel.backend=fsdp here; use bf16"
     assert refusal_line(f"noise\nerror: {line}\nTraceback...") == line
@@ -138,7 +138,7 @@ def test_planned_memory_at_gpu_shapes(tmp_path):
     """The planner's numbers for the GPU cases (bert-base-uncased's config is built in, so
     nothing is downloaded): the offloading profile plans less than the one that keeps AdamW
     on the GPU, and everything fits the smallest GPU the profiles name."""
-    from distil_scale.gpu_check import (BBC, CASES, GPU, Ctx, case_command, overrides,
+    from distil_scale.tools.gpu_check import (BBC, CASES, GPU, Ctx, case_command, overrides,
                                         planned_gib)
 
     ctx = Ctx(GPU, False, tmp_path, "bert-base-uncased", BBC, 0.0, 1.0, {}, 80.0)

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from conftest import read_metrics, run_launcher, tiny_overrides
+from fixtures import read_metrics, run_launcher, tiny_overrides
 from distil_scale.config import load_config, to_dict
 from distil_scale.glue.report import report_main
 from distil_scale.model_card import (card_text, dataset_hub_id, front_matter, read_front_matter,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED, minilm_path
+from fixtures import REPO, SHARED, minilm_path
 
 WIKI = SHARED / "data" / "wikipedia_sample" / "articles.jsonl"
 
@@ -36,7 +36,7 @@ def test_paper_config_trains_with_its_own_code_paths(tmp_path):
     from transformers import BertForMaskedLM, DistilBertForMaskedLM
 
     from distil_scale.config import load_config
-    from distil_scale.trainer import train
+    from distil_scale.train import train
 
     teacher = _teacher_12_layers(tmp_path / "teacher")
     out = tmp_path / "run"
@@ -73,7 +73,7 @@ def test_eval_masks_are_unsmoothed_and_need_no_counts():
     from transformers import AutoTokenizer
 
     from distil_scale.config import MaskingConfig
-    from distil_scale.teacher import make_eval_masker, make_masker
+    from distil_scale.data.masking import make_eval_masker, make_masker
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     mcfg = MaskingConfig(smoothing=0.7)
@@ -85,7 +85,7 @@ def test_eval_masks_are_unsmoothed_and_need_no_counts():
 
 def test_v100_auto_precision_is_fp16_not_emulated_bf16(monkeypatch):
     """sm_70 reports bf16 as supported through emulation; auto must pick fp16 there."""
-    from distil_scale.engine.base import resolve_precision
+    from distil_scale.runtime import resolve_precision
 
     def bf16_supported(including_emulation=True):
         return including_emulation  # a V100: only emulated

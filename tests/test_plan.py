@@ -10,7 +10,7 @@ import torch
 
 from distil_scale.config import ConfigError, load_config
 from distil_scale.ds_config import load_ds_config
-from distil_scale.plan import GiB, PAPER, main, make_plan
+from distil_scale.tools.plan import GiB, PAPER, main, make_plan
 from fixtures import PYTHON, REPO, run_env
 
 RTX = str(REPO / "ds_configs" / "rtx4070.json")

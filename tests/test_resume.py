@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, read_metrics, run_launcher, tiny_overrides
+from fixtures import REPO, read_metrics, run_launcher, tiny_overrides
 
 STEPS, EVERY = 40, 5
 
@@ -183,7 +183,7 @@ class _FlakyRows:
 def test_stream_retries_then_gives_up(monkeypatch):
     from transformers import AutoTokenizer
 
-    from conftest import minilm_path
+    from fixtures import minilm_path
     from distil_scale.config import DataConfig
     from distil_scale.data import loader as L
 
@@ -224,7 +224,7 @@ def test_a_dead_stream_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path
     """2 DDP ranks, each streaming its own file; one file disappears mid-run, so only that
     rank's source fails (after its retries). Both ranks must learn it before the next
     all-reduce, write the same checkpoint together and exit, instead of one hanging."""
-    from conftest import write_corpus
+    from fixtures import write_corpus
     from fixtures import launch_cmd, start, wait_for
 
     corpus = tmp_path / "corpus"

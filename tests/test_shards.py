@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import REPO, SHARED, minilm_path, write_corpus
+from fixtures import REPO, SHARED, minilm_path, write_corpus
 from distil_scale.cli import UserError
 from distil_scale.config import DataConfig
 from distil_scale.data.loader import (BatchLoader, PretrainStream, build_eval_set,

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import SHARED, run_launcher, tiny_overrides
+from fixtures import SHARED, run_launcher, tiny_overrides
 
 GLUE = SHARED / "data" / "glue"
 

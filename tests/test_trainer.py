@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, make_tiny_teacher, read_metrics, run_launcher, tiny_overrides
+from fixtures import REPO, make_tiny_teacher, read_metrics, run_launcher, tiny_overrides
 
 
 @pytest.fixture(scope="module")
