@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .cli import UserError
+from .errors import UserError
 from .distributed import barrier, every_rank, from_rank0, rank
 
 log = logging.getLogger(__name__)

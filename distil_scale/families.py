@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cli import UserError
+from .errors import UserError
 
 # a layer's pieces under common names; the three BERT-shaped families share one layout
 BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key",

@@ -7,36 +7,24 @@ autocast dtype: softmax over 30K classes in bf16 loses the small probabilities K
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .config import LossConfig
 
-@dataclass
-class LossWeights:
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    alpha_mse: float = 0.0
-    temperature: float = 2.0
-    alpha_attn_rel: float = 0.0
-    alpha_hidden_mse: float = 0.0
-    # relation heads q/k/v are split into (must divide both widths); 0 = unresolved, see
-    # from_config
-    attn_rel_heads: int = 0
-    hidden_mse_layers: str = "last"  # "last", or "mapped": every student layer
+
+class LossWeights(LossConfig):
+    """The config's loss section as the loss reads it: ``attn_rel_heads`` resolved (0 stands
+    for the teacher's attention head count, as ``models.relation_heads`` resolves it)."""
 
     @classmethod
-    def from_config(cls, c, teacher_heads: int = 0) -> "LossWeights":
-        """``teacher_heads``: the teacher's attention head count, which ``loss.attn_rel_heads``
-        = 0 stands for (``models.relation_heads`` resolves it the same way)."""
-        return cls(c.alpha_ce, c.alpha_mlm, c.alpha_cos, c.alpha_mse, c.temperature,
-                   getattr(c, "alpha_attn_rel", 0.0), getattr(c, "alpha_hidden_mse", 0.0),
-                   getattr(c, "attn_rel_heads", 0) or teacher_heads,
-                   getattr(c, "hidden_mse_layers", "last"))
+    def from_config(cls, c: LossConfig, teacher_heads: int = 0) -> "LossWeights":
+        return cls(**{**dataclasses.asdict(c),
+                      "attn_rel_heads": c.attn_rel_heads or teacher_heads})
 
 
 def soft_target_kl(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -122,13 +110,36 @@ def attention_relation_kl(s_qkv, t_qkv, real: torch.Tensor, heads: int) -> torch
     return total / len(s_qkv)
 
 
-def distillation_loss(s, t, *args) -> tuple[torch.Tensor, dict]:
+class Features(NamedTuple):
+    """What one distillation forward returns; [0] and [1] are what the eval code reads.
+
+    A NamedTuple because DDP, FSDP2 and DeepSpeed walk (named) tuples for the tensors they must
+    hook; what was not asked for at construction is () or None, and costs nothing.
+    """
+    hidden: torch.Tensor  # (B, L, D) last hidden state, in the model's own width
+    logits: torch.Tensor  # (n_sel, V) vocabulary logits at the positions asked for
+    # hidden states compared layer by layer (loss.hidden_mse_layers=mapped): the student's
+    # every layer, through the projection when it is narrower; the teacher's mapped layers
+    layers: tuple = ()
+    qkv: tuple = ()  # (q, k, v), each (B, L, D), at the relation layer (loss.alpha_attn_rel)
+    # the student's last hidden state in the teacher's width (narrow students only)
+    aligned: Optional[torch.Tensor] = None
+
+    def clone(self) -> "Features":
+        """Plain copies: tensors made in inference mode cannot be saved for backward."""
+        def c(x):
+            if isinstance(x, tuple):
+                return tuple(t.clone() for t in x)
+            return None if x is None else x.clone()
+
+        return Features(*(c(x) for x in self))
+
+
+def distillation_loss(s: Features, t: Features, labels, real, mlm_rows,
+                      w: LossWeights) -> tuple[torch.Tensor, dict]:
     """The weighted objective and its raw terms.
 
-    ``distillation_loss(s_feats, t_feats, labels, real, mlm_rows, w)``, with the
-    :class:`models.Features` of the student and the teacher. (The older
-    ``(s_hidden, t_hidden, s_logits, t_logits, labels, real, mlm_rows, w)`` form still works
-    for the triple objective.)
+    ``s``, ``t``: the :class:`Features` of the student and the teacher.
 
     Logits are (n_sel, V) at the selected positions. ``mlm_rows`` indexes the rows of those
     that are masked positions (all of them when KL is over masked tokens only), and ``labels``
@@ -136,10 +147,6 @@ def distillation_loss(s, t, *args) -> tuple[torch.Tensor, dict]:
     row indices or as the (B, L) attention mask. Terms always has ce, mlm, cos, mse, attn_rel
     and hidden_mse (zero where the weight is 0).
     """
-    if isinstance(s, torch.Tensor):  # the older tensor form
-        s_logits, t_logits, *args = args
-        s, t = _Pair(s, s_logits), _Pair(t, t_logits)
-    labels, real, mlm_rows, w = args
     terms: dict[str, torch.Tensor] = {}
     zero = s.hidden.new_zeros((), dtype=torch.float32)
     terms["ce"] = soft_target_kl(s.logits, t.logits, w.temperature) if w.alpha_ce > 0 else zero
@@ -149,7 +156,7 @@ def distillation_loss(s, t, *args) -> tuple[torch.Tensor, dict]:
         terms["mlm"] = zero
     keep = real if real.dim() == 1 else real.bool()  # flat indices, or the attention mask
     # a narrower student's last hidden state reaches the teacher's width through its projection
-    s_last = s.aligned if getattr(s, "aligned", None) is not None else s.hidden
+    s_last = s.aligned if s.aligned is not None else s.hidden
     terms["cos"] = hidden_cosine(s_last, t.hidden, keep) if w.alpha_cos > 0 else zero
     terms["mse"] = logit_mse(s.logits, t.logits) if w.alpha_mse > 0 else zero
     terms["attn_rel"] = attention_relation_kl(s.qkv, t.qkv, keep, w.attn_rel_heads) \
@@ -171,12 +178,3 @@ def _hidden_mse_term(s, t, s_last, keep, w) -> torch.Tensor:
                              f"layer ({len(s.layers)} student, {len(t.layers)} teacher)")
         return sum(hidden_mse(a, b, keep) for a, b in zip(s.layers, t.layers)) / len(s.layers)
     return hidden_mse(s_last, t.hidden, keep)
-
-
-class _Pair(NamedTuple):
-    """The older call form's (hidden, logits), read like the features."""
-    hidden: torch.Tensor
-    logits: torch.Tensor
-    layers: tuple = ()
-    qkv: tuple = ()
-    aligned: Optional[torch.Tensor] = None

@@ -13,14 +13,14 @@ import copy
 import importlib
 import logging
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .cli import UserError
-from .families import FAMILIES, attn_for, family_of, load_mlm, student_family  # noqa: F401
-from .losses import gather_rows
+from .errors import UserError
+from .families import attn_for, family_of, student_family
+from .losses import Features, gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,23 @@ def resolve_model_path(name_or_path: str, flag: str = "teacher.name_or_path", *,
     return name_or_path  # a hub id
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, flag: str = "teacher.name_or_path", *, fast: bool = True):
+    """The tokenizer saved with the model at ``path``; errors name ``flag``. ``fast``: packing
+    needs a fast tokenizer (tokenizer.json); GLUE reads any."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
-    if not getattr(tok, "is_fast", False):
-        raise UserError(f"teacher.name_or_path: '{path}' has no fast tokenizer "
-                        "(tokenizer.json); packing needs one")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a broken directory or an unreachable hub show up as many types
+        if Path(path).is_dir():
+            raise UserError(f"{flag}: '{path}' has no usable tokenizer files "
+                            f"({type(e).__name__})") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{flag}: could not load '{path}' ({type(e).__name__}: {first}); pass "
+                        "a local model directory when offline") from None
+    if fast and not getattr(tok, "is_fast", False):
+        raise UserError(f"{flag}: '{path}' has no fast tokenizer (tokenizer.json); packing "
+                        "needs one")
     return tok
 
 
@@ -82,13 +92,6 @@ def even_layer_map(n_teacher: int, n_student: int) -> list[int]:
     if n_student == 1:
         return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
-
-
-def student_config_from_teacher(tconf, n_layers: int, dropout: float, attention_dropout: float,
-                                attn_implementation: str = "eager"):
-    """A DistilBERT config with a BERT-shaped teacher's widths (the default student of BERT)."""
-    return FAMILIES["distilbert"].config_from(tconf, n_layers, dropout, attention_dropout,
-                                              attn_implementation)
 
 
 def student_config(tconf, family: str, n_layers: int, dim: int = 0, dropout: float = 0.1,
@@ -251,31 +254,6 @@ def build_student(teacher, cfg_student, attn_implementation: str = "eager",
 
 # ----------------------------------------------------------------------------------------------
 # the wrappers the engines see
-
-
-class Features(NamedTuple):
-    """What one distillation forward returns; [0] and [1] are what the eval code reads.
-
-    A NamedTuple because DDP, FSDP2 and DeepSpeed walk (named) tuples for the tensors they must
-    hook; what was not asked for at construction is () or None, and costs nothing.
-    """
-    hidden: torch.Tensor  # (B, L, D) last hidden state, in the model's own width
-    logits: torch.Tensor  # (n_sel, V) vocabulary logits at the positions asked for
-    # hidden states compared layer by layer (loss.hidden_mse_layers=mapped): the student's
-    # every layer, through the projection when it is narrower; the teacher's mapped layers
-    layers: tuple = ()
-    qkv: tuple = ()  # (q, k, v), each (B, L, D), at the relation layer (loss.alpha_attn_rel)
-    # the student's last hidden state in the teacher's width (narrow students only)
-    aligned: Optional[torch.Tensor] = None
-
-    def clone(self) -> "Features":
-        """Plain copies: tensors made in inference mode cannot be saved for backward."""
-        def c(x):
-            if isinstance(x, tuple):
-                return tuple(t.clone() for t in x)
-            return None if x is None else x.clone()
-
-        return Features(*(c(x) for x in self))
 
 
 def _keep_first_output(module, args, output) -> None:

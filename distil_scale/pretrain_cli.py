@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .cli import main_guard
+from .errors import main_guard
 from .config import ConfigError, load_config
 
 

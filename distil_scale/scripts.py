@@ -2,7 +2,7 @@
 the same one-line errors. Imports stay inside, so ``--help`` does not load torch's world."""
 from __future__ import annotations
 
-from .cli import main_guard
+from .errors import main_guard
 
 
 def finetune() -> None:

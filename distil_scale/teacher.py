@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import families
-from .cli import UserError
+from .errors import UserError
 from .data.loader import open_pretrain_stream
 from .data.masking import make_eval_masker, make_masker
 from .distributed import barrier

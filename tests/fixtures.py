@@ -17,6 +17,7 @@ conftest.py registers pytest fixtures built from these; test files import what t
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -208,6 +209,37 @@ def save_family_teacher(model_type: str, out) -> Path:
     make_family_teacher(model_type, tok).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# a narrow student with every objective term on (tests of the families on the loop and engines)
+EVERY_TERM = {"student.init": "truncate", "student.dim": 16, "loss.alpha_attn_rel": 1.0,
+              "loss.attn_rel_heads": 2, "loss.alpha_hidden_mse": 1.0,
+              "loss.hidden_mse_layers": "mapped"}
+TERMS = ("loss/ce", "loss/mlm", "loss/cos", "loss/attn_rel", "loss/hidden_mse")
+
+
+def check_family_export(out, model_type: str) -> None:
+    """A stock *ForMaskedLM of the teacher's default student family, 16 wide, that fills a
+    mask."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    from distil_scale.families import FAMILIES
+
+    export = Path(out) / "student"
+    model = AutoModelForMaskedLM.from_pretrained(export)
+    want = FAMILIES[FAMILIES[model_type].default_student].mlm_class
+    assert type(model).__name__ == want
+    assert model.config.hidden_size == 16
+    tok = AutoTokenizer.from_pretrained(export)
+    top = pipeline("fill-mask", model=model, tokenizer=tok)(f"the river {tok.mask_token} city")
+    assert len(top) == 5 and all(math.isfinite(t["score"]) for t in top)
+
+
+def check_terms(out, step: int) -> None:
+    """Every objective term logged at ``step``, finite and positive."""
+    row = metrics_by_step(out)[step]
+    for k in TERMS:
+        assert math.isfinite(row[k]) and row[k] > 0, (k, row)
 
 
 # -- GLUE ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from .packing import Encoder, Packer, encode, fast_tokenizer, vocab_hash
 from .sources import is_heldout, iter_texts, open_from_config, source_fingerprint
 

@@ -2,7 +2,7 @@
 import os
 import sys
 
-from ..cli import UserError, main_guard
+from ..errors import UserError, main_guard
 
 # the streaming path names config keys in its errors; this command's user typed flags
 _AS_FLAGS = (("data.encoding_errors=replace", "--encoding-errors replace"),

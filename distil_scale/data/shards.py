@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..cli import UserError
+from ..errors import UserError
 from .packing import Encoder, Packer, vocab_hash
 from .sources import is_heldout, is_local, iter_texts, open_stream, resolve_source
 

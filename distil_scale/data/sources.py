@@ -16,7 +16,7 @@ import random
 import zlib
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}

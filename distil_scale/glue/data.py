@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from ..cli import UserError
+from ..errors import UserError
 from .tasks import Task, layout_for
 
 Label = Union[int, float]

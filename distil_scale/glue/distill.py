@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 from ..config import to_dict
 from .config import GlueConfig
-from .modeling import (load_for_finetune, load_teacher, load_tokenizer, resolve_model,
-                       same_vocab, student_from_teacher)
+from ..models import load_tokenizer, resolve_model_path
+from .modeling import load_for_finetune, load_teacher, same_vocab, student_from_teacher
 from .runner import (Prepared, default_out_dir, encode, fmt_metrics, log,
                      make_collate, model_inputs, prepare_data, run_seeds, score, setup_runtime)
 from .tasks import Task
@@ -70,7 +70,7 @@ def _hidden(config) -> int:
 
 def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConfig) -> dict:
     splits = prepare_data(task, cfg)          # bad data is refused before any model loads
-    t_path = resolve_model(teacher_spec, "--teacher")
+    t_path = resolve_model_path(teacher_spec, "--teacher")
     init = None
     if student_spec.startswith("init:"):
         init = student_spec[5:]
@@ -79,14 +79,14 @@ def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConf
                             f"a hub id, or one of " + ", ".join(f"init:{k}" for k in INIT_KINDS))
         s_path = None
     else:
-        s_path = resolve_model(student_spec, "--student")
+        s_path = resolve_model_path(student_spec, "--student")
     d, backend, ds = setup_runtime(cfg)
     try:
         teacher = load_teacher(t_path, task, spec=teacher_spec)
         teacher.to(d.device).eval().requires_grad_(False)
-        tokenizer = load_tokenizer(t_path, "--teacher")
+        tokenizer = load_tokenizer(t_path, "--teacher", fast=False)
         if s_path is not None:
-            s_tok = load_tokenizer(s_path, "--student")
+            s_tok = load_tokenizer(s_path, "--student", fast=False)
             if not same_vocab(tokenizer, s_tok):
                 raise UserError(f"--student: '{student_spec}' has a different vocabulary from "
                                 f"the teacher '{teacher_spec}'; both must read the same input ids")

@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..cli import UserError
-from ..models import resolve_model_path
+from ..errors import UserError
 from .tasks import Task
 
 # parameters of a sequence-classification head (BERT: pooler + classifier; DistilBERT:
@@ -28,28 +27,10 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def resolve_model(spec: str, flag: str = "--model") -> str:
-    """``models.resolve_model_path`` with errors naming this command's flag."""
-    return resolve_model_path(spec, flag)
-
-
 def _hub_error(flag: str, spec: str, e: Exception) -> UserError:
     first = (str(e).splitlines() or [type(e).__name__])[0][:160]
     return UserError(f"{flag}: could not load '{spec}' ({type(e).__name__}: {first}); pass a "
                      f"local model directory when offline")
-
-
-def load_tokenizer(path: str, flag: str = "--model"):
-    from transformers import AutoTokenizer
-
-    _quiet_transformers()
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        if Path(path).is_dir():
-            raise UserError(f"{flag}: '{path}' has no usable tokenizer files "
-                            f"({type(e).__name__})") from None
-        raise _hub_error(flag, path, e) from None
 
 
 def _label_kwargs(task: Task) -> dict:

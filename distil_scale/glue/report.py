@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..cli import UserError
+from ..errors import UserError
 from ..model_card import get_section, is_distil_scale_card, update_section
 from .tasks import DISPLAY, PAPER_ORDER, get_task
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..cli import UserError
+from ..errors import UserError
 from ..config import dump_yaml
 from . import metrics as M
 from .config import GlueConfig
@@ -206,6 +206,87 @@ def make_engine(prep: Prepared, cfg: GlueConfig, model, total_steps: int, rt):
         device=rt.device, **kw)
 
 
+@dataclass
+class Encoded:
+    """A run's splits as model inputs, and the majority-class baselines beside them."""
+
+    train: list
+    select: list
+    report: dict
+    baseline: dict         # per reported split and metric
+    baseline_select: dict  # on the selection split
+
+    @classmethod
+    def of(cls, prep: Prepared, cfg: GlueConfig) -> "Encoded":
+        task, splits, n = prep.task, prep.splits, cfg.data.max_length
+        train_labels = [e.label for e in splits.train]
+        baseline = {}
+        for k, v in splits.report.items():
+            baseline.update(M.majority_baseline(task, train_labels, k, [e.label for e in v]))
+        return cls(encode(prep.tokenizer, splits.train, n),
+                   encode(prep.tokenizer, splits.select, n),
+                   {k: encode(prep.tokenizer, v, n) for k, v in splits.report.items()}, baseline,
+                   M.majority_baseline(task, train_labels, "dev",
+                                       [e.label for e in splits.select]))
+
+
+class Steps:
+    """The optimizer steps of one seed: counted, guarded against divergence, logged every 10
+    under the pretraining loop's metric names."""
+
+    def __init__(self, engine, loss_fn, cfg: GlueConfig, d, metrics):
+        from ..train.loop import Window
+
+        self.engine, self.loss_fn, self.d, self.metrics = engine, loss_fn, d, metrics
+        self.limit = cfg.train.max_nonfinite_steps
+        self.step, self.nonfinite, self.window = 0, 0, Window()
+
+    def __call__(self, batch: dict):
+        from ..train.loop import mean_over_ranks
+        from ..train.step import nonfinite_run, train_step
+
+        t0 = time.perf_counter()
+        out = train_step(self.engine, lambda: batch, 1, self.loss_fn)
+        self.step += 1
+        self.nonfinite = nonfinite_run(out, self.nonfinite)
+        if self.nonfinite >= self.limit:
+            raise UserError(f"train.lr: {self.nonfinite} non-finite steps in a row at step "
+                            f"{self.step}; lower train.lr (or use train.precision=fp32)")
+        w = self.window
+        w.add(out, time.perf_counter() - t0)
+        if self.step % 10 == 0:
+            vals = {f"loss/{k}": v / w.steps for k, v in mean_over_ranks(w.terms).items()}
+            vals.update({"optim/lr": self.engine.lr(),
+                         "optim/grad_norm": float(out.result.grad_norm),
+                         "perf/step_s": w.seconds / w.steps})
+            self.metrics.log(self.step, vals)
+            w.reset()
+        return out.loss
+
+
+def train_epoch(steps: Steps, loader, epoch: int, cfg: GlueConfig) -> float:
+    """One pass over the training split; the mean training loss over every rank."""
+    import torch
+    from tqdm.auto import tqdm
+
+    d = steps.d
+    # summed on the device; .item() only at the log interval (it syncs a GPU)
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=d.device), 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, mininterval=2.0,
+               dynamic_ncols=True, disable=not (d.is_main and cfg.train.progress_bar),
+               file=sys.stderr)
+    for batch in bar:
+        loss_sum += steps({k: v.to(d.device) for k, v in batch.items()}).double()
+        n += 1
+        if steps.step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}")
+    bar.close()
+    if d.world > 1:
+        torch.distributed.all_reduce(loss_sum)
+        n *= d.world
+    return loss_sum.item() / max(n, 1)
+
+
 def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
               build_model: Callable[[int], tuple], loss_fn, d,
               extra: Optional[dict] = None) -> dict:
@@ -216,12 +297,9 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
 
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
-    from tqdm.auto import tqdm
 
     from ..distributed import from_rank0
     from ..metrics import MetricsLogger
-    from ..train.loop import Window, mean_over_ranks
-    from ..train.step import train_step
 
     task, splits, tc = prep.task, prep.splits, cfg.train
     t0 = time.time()
@@ -229,79 +307,33 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
     model, model_info = build_model(seed)
     pristine = copy.deepcopy(model)  # receives the best epoch's weights for the final scores
     collate = make_collate(prep.tokenizer.pad_token_id or 0, task.is_regression)
-
-    train_rows = encode(prep.tokenizer, splits.train, cfg.data.max_length)
-    select_rows = encode(prep.tokenizer, splits.select, cfg.data.max_length)
-    report_rows = {k: encode(prep.tokenizer, v, cfg.data.max_length)
-                   for k, v in splits.report.items()}
-    train_labels = [e.label for e in splits.train]
-    base_select = M.majority_baseline(task, train_labels, "dev", [e.label for e in splits.select])
-    baseline = {}
-    for k, v in splits.report.items():
-        baseline.update(M.majority_baseline(task, train_labels, k, [e.label for e in v]))
-
+    rows = Encoded.of(prep, cfg)
     if tc.batch_size % d.world:
         raise UserError(f"train.batch_size: {tc.batch_size} does not split over {d.world} ranks")
-    sampler = DistributedSampler(train_rows, num_replicas=d.world, rank=d.rank, shuffle=True,
+    sampler = DistributedSampler(rows.train, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=seed)
-    loader = DataLoader(train_rows, batch_size=tc.batch_size // d.world, sampler=sampler,
+    loader = DataLoader(rows.train, batch_size=tc.batch_size // d.world, sampler=sampler,
                         collate_fn=collate)
-    steps_per_epoch = len(loader)
-    engine = make_engine(prep, cfg, model, steps_per_epoch * tc.epochs, d)
+    engine = make_engine(prep, cfg, model, len(loader) * tc.epochs, d)
     metrics = MetricsLogger(out_dir, enabled=d.is_main, tensorboard=tc.tensorboard)
-
-    sizes = [f"train {len(train_rows)} (of {splits.train_total})",
-             f"{splits.select_name} {len(select_rows)}"]
-    sizes += [f"{k} {len(v)}" for k, v in report_rows.items() if k != splits.select_name]
-    log(d, f"{task.name}: " + "  ".join(sizes) + f"  | {steps_per_epoch} steps/epoch x "
+    steps = Steps(engine, loss_fn, cfg, d, metrics)
+    sizes = [f"train {len(rows.train)} (of {splits.train_total})",
+             f"{splits.select_name} {len(rows.select)}"]
+    sizes += [f"{k} {len(v)}" for k, v in rows.report.items() if k != splits.select_name]
+    log(d, f"{task.name}: " + "  ".join(sizes) + f"  | {len(loader)} steps/epoch x "
            f"{tc.epochs}  batch {tc.batch_size}" + (f" ({d.world} ranks)" if d.world > 1 else "")
            + f"  seed {seed}  {engine.name} {d.precision}")
-    history, best, best_state, step, nonfinite = [], None, None, 0, 0
-    window = Window()
+    history, best, best_state = [], None, None
     engine.module.train()
     for epoch in range(1, tc.epochs + 1):
         sampler.set_epoch(epoch)
-        # summed on the device; .item() only at the log interval (it syncs a GPU)
-        loss_sum, n = torch.zeros((), dtype=torch.float64, device=d.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{tc.epochs}", leave=False, dynamic_ncols=True,
-                   mininterval=2.0, disable=not (d.is_main and tc.progress_bar), file=sys.stderr)
-        for batch in bar:
-            batch = {k: v.to(d.device) for k, v in batch.items()}
-            ts = time.perf_counter()
-            out = train_step(engine, lambda: batch, 1, loss_fn)
-            step += 1
-            if out.result.skipped:
-                # an fp16 loss-scale backoff on a finite loss is the scaler calibrating
-                nonfinite += out.result.diverged(loss_finite=bool(torch.isfinite(out.loss)))
-            else:
-                nonfinite = 0
-            if nonfinite >= tc.max_nonfinite_steps:
-                raise UserError(f"train.lr: {nonfinite} non-finite steps in a row at step "
-                                f"{step}; lower train.lr (or use train.precision=fp32)")
-            window.add(out, time.perf_counter() - ts)
-            loss_sum += out.loss.double()
-            n += 1
-            if step % 10 == 0:
-                vals = {f"loss/{k}": v / window.steps
-                        for k, v in mean_over_ranks(window.terms).items()}
-                vals.update({"optim/lr": engine.lr(),
-                             "optim/grad_norm": float(out.result.grad_norm),
-                             "perf/step_s": window.seconds / window.steps})
-                metrics.log(step, vals)
-                window.reset()
-                bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}")
-        bar.close()
-        train_loss = loss_sum.item() / max(n, 1)
-        if d.world > 1:  # mean over ranks, for the log line only
-            t = torch.tensor([train_loss], dtype=torch.float64, device=d.device)
-            torch.distributed.all_reduce(t)
-            train_loss = t.item() / d.world
-        sel = score(task, "dev", engine.module, select_rows, collate, d, cfg)
-        metrics.log(step, {"train/epoch_loss": train_loss,
-                           **{f"eval/{splits.select_name}_{k}": v for k, v in sel.items()}})
+        train_loss = train_epoch(steps, loader, epoch, cfg)
+        sel = score(task, "dev", engine.module, rows.select, collate, d, cfg)
+        metrics.log(steps.step, {"train/epoch_loss": train_loss,
+                                 **{f"eval/{splits.select_name}_{k}": v for k, v in sel.items()}})
         history.append({"epoch": epoch, "train_loss": train_loss, splits.select_name: sel})
         log(d, f"epoch {epoch}/{tc.epochs}  train_loss {train_loss:.3f}  {splits.select_name} "
-               f"{fmt_metrics({task.main_metric: sel[task.main_metric]}, base_select)}"
+               f"{fmt_metrics({task.main_metric: sel[task.main_metric]}, rows.baseline_select)}"
                + (f"  {fmt_metrics({k: v for k, v in sel.items() if k != task.main_metric})}"
                   if len(sel) > 1 else "") + f"  [{time.time() - t0:.0f} s]")
         # every rank sees the same gathered score, so every rank takes this branch
@@ -314,51 +346,44 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
     model.load_state_dict(from_rank0(best_state))
     model.to(d.device)
     results_metrics = {}
-    for name, rows in report_rows.items():
+    for name, split_rows in rows.report.items():
         results_metrics.update(best if name == splits.select_name
-                               else score(task, name, model, rows, collate, d, cfg))
+                               else score(task, name, model, split_rows, collate, d, cfg))
     wall = time.time() - t0
     result = {
-        "task": task.name,
-        "protocol": cfg.run.protocol,
-        "metrics": results_metrics,
-        "main_metric": task.main_metric,
-        "majority_baseline": baseline,
-        "seed": seed,
-        "model": prep.model_name,
-        "steps": step,
-        "wall_s": round(wall, 2),
-        "best_epoch": best_epoch,
-        "epochs": history,
-        "select_split": splits.select_name,
-        "report_splits": {k: len(v) for k, v in report_rows.items()},
-        "train_examples": len(train_rows),
-        "train_total": splits.train_total,
-        "world_size": d.world,
-        "backend": engine.name,
-        "precision": d.precision,
-        "data": cfg.data.data_dir or "hub:nyu-mll/glue",
-        "model_info": model_info,
+        "task": task.name, "protocol": cfg.run.protocol, "metrics": results_metrics,
+        "main_metric": task.main_metric, "majority_baseline": rows.baseline, "seed": seed,
+        "model": prep.model_name, "steps": steps.step, "wall_s": round(wall, 2),
+        "best_epoch": best_epoch, "epochs": history, "select_split": splits.select_name,
+        "report_splits": {k: len(v) for k, v in rows.report.items()},
+        "train_examples": len(rows.train), "train_total": splits.train_total,
+        "world_size": d.world, "backend": engine.name, "precision": d.precision,
+        "data": cfg.data.data_dir or "hub:nyu-mll/glue", "model_info": model_info,
         "host": {"python": platform.python_version(), "torch": torch.__version__,
                  "device": str(d.device), "cpu_count": os.cpu_count()},
         **(extra or {}),
     }
     log(d, f"{task.name} {cfg.run.protocol} seed {seed}: "
-           f"{fmt_metrics(results_metrics, baseline)}  best epoch {best_epoch}  "
-           f"{step} steps  {wall:.1f} s")
+           f"{fmt_metrics(results_metrics, rows.baseline)}  best epoch {best_epoch}  "
+           f"{steps.step} steps  {wall:.1f} s")
     if d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.run.save_model:
-            mdir = out_dir / "model"
-            model.save_pretrained(mdir)
-            prep.tokenizer.save_pretrained(mdir)
-            (mdir / "glue_task.json").write_text(json.dumps(
-                {"task": task.name, "num_labels": task.num_labels, "metrics": results_metrics,
-                 "source_model": prep.model_name}, indent=2))
-        write_json(out_dir / "results.json", result)
+        save_run(out_dir, result, model, prep, cfg)
     if d.world > 1:
         torch.distributed.barrier()
     return result
+
+
+def save_run(out_dir: Path, result: dict, model, prep: Prepared, cfg: GlueConfig) -> None:
+    """results.json, and the best epoch's model with its tokenizer (run.save_model)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run.save_model:
+        mdir = out_dir / "model"
+        model.save_pretrained(mdir)
+        prep.tokenizer.save_pretrained(mdir)
+        (mdir / "glue_task.json").write_text(json.dumps(
+            {"task": prep.task.name, "num_labels": prep.task.num_labels,
+             "metrics": result["metrics"], "source_model": prep.model_name}, indent=2))
+    write_json(out_dir / "results.json", result)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -417,13 +442,14 @@ def default_out_dir(task: Task, model_spec: str, suffix: str = "") -> Path:
 
 
 def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
-    from .modeling import load_for_finetune, load_tokenizer, resolve_model
+    from ..models import load_tokenizer, resolve_model_path
+    from .modeling import load_for_finetune
 
     splits = prepare_data(task, cfg)          # bad data is refused before any model loads
-    path = resolve_model(model_spec)
+    path = resolve_model_path(model_spec, "--model")
     d, backend, ds = setup_runtime(cfg)
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, "--model", fast=False)
         out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
             default_out_dir(task, model_spec)
         prep = Prepared(task, splits, tokenizer, model_spec, out_dir, backend, ds)

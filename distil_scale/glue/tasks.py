@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from ..cli import UserError, main_guard
+from ..errors import UserError, main_guard
 from ..config import DataConfig, MaskingConfig, StudentConfig
 from ..data.loader import BatchLoader, PretrainStream
 from ..data.masking import MaskedBatch, make_masker
@@ -703,7 +703,7 @@ def report(res: dict, device: torch.device, say) -> str:
 # = 2·(85.0M weights + 9.4M attention) + 0.15·48.1M head for the teacher, 3x the same for the
 # student's 6 layers: ~0.50 GFLOP per token; at 45 % MFU of the H100's bf16 dense peak
 # (989 TFLOP/s, SXM datasheet) that is 0.45 · 989e12 / 0.50e9 ~ 0.9M tokens/s per GPU.
-# (tests/test_bench.py recomputes it.) With logits at every position (~0.66 GFLOP/token) the
+# (tests/integration/test_bench.py recomputes it.) With logits at every position (~0.66 GFLOP/token) the
 # demand is lower, so this is the figure a loader has to meet.
 H100_DEMAND_TOKENS_S = 900_000
 DATA_MICRO = 16

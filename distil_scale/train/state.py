@@ -70,14 +70,11 @@ class TrainState:
 
     def count_step(self, outcome, global_batch: int) -> int:
         """Book one optimizer step; returns how many non-finite steps have come in a row."""
+        from .step import nonfinite_run
+
         self.step += 1
         c = self.counters
         c["sequences"] += global_batch
-        if outcome.result.skipped:
-            c["skipped_total"] += 1
-            # an fp16 loss-scale backoff on a finite loss is the scaler calibrating
-            if outcome.result.diverged(loss_finite=bool(torch.isfinite(outcome.loss))):
-                c["nonfinite_run"] += 1
-        else:
-            c["nonfinite_run"] = 0
+        c["skipped_total"] += outcome.result.skipped
+        c["nonfinite_run"] = nonfinite_run(outcome, c["nonfinite_run"])
         return c["nonfinite_run"]

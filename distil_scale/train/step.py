@@ -67,3 +67,11 @@ def train_step(engine, next_batch: Callable[[], object], accum: int,
         total = total + loss.detach() / accum
     terms["total"] = total
     return StepOutcome(total, terms, engine.step(), wait)
+
+
+def nonfinite_run(out: StepOutcome, run: int) -> int:
+    """Consecutive diverged steps once ``out`` is counted: a finite step ends the run; an fp16
+    loss-scale backoff on a finite loss is the scaler calibrating, and does not count."""
+    if not out.result.skipped:
+        return 0
+    return run + out.result.diverged(loss_finite=bool(torch.isfinite(out.loss)))

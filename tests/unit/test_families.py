@@ -15,7 +15,7 @@ from fixtures import (BPE_FAMILIES, FAMILY_SENTENCES as SENTENCES, bpe_tokenizer
                       make_family_teacher, wordpiece_tokenizer)
 
 from distil_scale import families
-from distil_scale.cli import UserError
+from distil_scale.errors import UserError
 from distil_scale.config import StudentConfig
 from distil_scale.families import FAMILIES, family_of, load_mlm, student_family
 from distil_scale.models import build_student

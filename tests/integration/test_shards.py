@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fixtures import REPO, SHARED, minilm_path, write_corpus
-from distil_scale.cli import UserError
+from distil_scale.errors import UserError
 from distil_scale.config import DataConfig
 from distil_scale.data.loader import (BatchLoader, PretrainStream, build_eval_set,
                                       is_shard_dir, open_pretrain_stream, scan_token_counts)

@@ -53,7 +53,7 @@ def test_wikipedia_sample_streams_and_packs(tmp_path):
 
 
 def test_hub_source_offline_is_a_clear_error():
-    from distil_scale.cli import UserError
+    from distil_scale.errors import UserError
     from distil_scale.config import DataConfig
     from distil_scale.data.sources import open_from_config
 

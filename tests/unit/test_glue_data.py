@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from distil_scale.cli import UserError
+from distil_scale.errors import UserError
 from distil_scale.config import ConfigError
 from distil_scale.glue.config import load_glue_config
 from distil_scale.glue.data import Example, carve, make_splits, read_local, read_tsv

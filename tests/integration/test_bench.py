@@ -244,7 +244,7 @@ def test_inference_argument_errors(tmp_path):
     """Refused before any model is built: a GLUE directory without STS-B, --limit < 0, a flag
     of --inference without it, --data with --inference."""
     from distil_scale.tools import bench
-    from distil_scale.cli import UserError
+    from distil_scale.errors import UserError
 
     with pytest.raises(UserError, match="STS-B/dev.tsv"):
         bench.stsb_pairs(str(tmp_path))

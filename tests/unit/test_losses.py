@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from distil_scale.losses import (LossWeights, distillation_loss, hidden_cosine, logit_mse,
-                                 soft_target_kl)
+from distil_scale.losses import (Features, LossWeights, distillation_loss, hidden_cosine,
+                                 logit_mse, soft_target_kl)
 
 
 def _softmax(xs):
@@ -57,7 +57,8 @@ def test_total_is_weighted_sum_of_raw_terms():
     hs, ht = torch.randn(B, L, D), torch.randn(B, L, D)
     mask = torch.ones(B, L, dtype=torch.long)
     w = LossWeights(5.0, 2.0, 1.0, 0.5, 2.0)
-    total, raw = distillation_loss(hs, ht, s_logits, t_logits, labels, mask, slice(None), w)
+    total, raw = distillation_loss(Features(hs, s_logits), Features(ht, t_logits), labels,
+                                   mask, slice(None), w)
     ce = -sum(math.log(_softmax(s_logits[i].tolist())[labels[i]]) for i in range(n)) / n
     assert raw["mlm"].item() == pytest.approx(ce, rel=1e-5)
     want = 5 * raw["ce"] + 2 * raw["mlm"] + 1 * raw["cos"] + 0.5 * raw["mse"]
@@ -72,7 +73,8 @@ def test_mlm_rows_select_masked_positions_when_kl_covers_all():
     labels = torch.tensor([2, 5])
     w = LossWeights(alpha_ce=0.0, alpha_mlm=1.0, alpha_cos=0.0)
     h = torch.zeros(1, 4, 3)
-    total, raw = distillation_loss(h, h, s_logits, t_logits, labels, torch.ones(1, 4), rows, w)
+    total, raw = distillation_loss(Features(h, s_logits), Features(h, t_logits), labels,
+                                   torch.ones(1, 4), rows, w)
     want = torch.nn.functional.cross_entropy(s_logits[rows], labels)
     assert total.item() == pytest.approx(want.item())
 
@@ -173,10 +175,7 @@ def test_hidden_mse_golden_and_padding():
     assert hidden_mse(hs, ht, torch.tensor([0, 1])).item() == pytest.approx(7.5)
 
 
-def _feats(hidden, logits, **kw):
-    from distil_scale.models import Features
 
-    return Features(hidden, logits, **kw)
 
 
 def test_hidden_mse_terms_last_and_mapped():
@@ -186,31 +185,31 @@ def test_hidden_mse_terms_last_and_mapped():
     real = torch.tensor([0, 1])
     w = LossWeights(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=0.0, alpha_hidden_mse=2.0)
     # "last": the (projected) last hidden state; a narrow student's comes as .aligned
-    s = _feats(torch.zeros(1, 3, 1), logits, aligned=hs)
-    total, terms = distillation_loss(s, _feats(ht, logits), None, real, None, w)
+    s = Features(torch.zeros(1, 3, 1), logits, aligned=hs)
+    total, terms = distillation_loss(s, Features(ht, logits), None, real, None, w)
     assert terms["hidden_mse"].item() == pytest.approx(7.5) and total.item() == pytest.approx(15)
     # "mapped": layer i against the teacher layer it came from, averaged over layers
     w.hidden_mse_layers = "mapped"
-    s = _feats(hs, logits, layers=(hs, hs + 1))
-    t = _feats(ht, logits, layers=(ht, hs))
+    s = Features(hs, logits, layers=(hs, hs + 1))
+    t = Features(ht, logits, layers=(ht, hs))
     _, terms = distillation_loss(s, t, None, real, None, w)
     assert terms["hidden_mse"].item() == pytest.approx((7.5 + 1.0) / 2)
 
 
-def test_feature_form_matches_tensor_form_and_all_terms_are_reported():
+def test_every_term_is_reported_and_the_off_ones_are_zero():
     torch.manual_seed(0)
     n, V, B, L, D = 5, 11, 2, 4, 6
-    s_logits, t_logits = torch.randn(n, V), torch.randn(n, V)
     labels = torch.randint(0, V, (n,))
-    hs, ht = torch.randn(B, L, D), torch.randn(B, L, D)
     mask = torch.ones(B, L, dtype=torch.long)
     w = LossWeights(5.0, 2.0, 1.0, 0.5, 2.0)
-    old_total, old = distillation_loss(hs, ht, s_logits, t_logits, labels, mask, slice(None), w)
-    new_total, new = distillation_loss(_feats(hs, s_logits), _feats(ht, t_logits), labels, mask,
-                                       slice(None), w)
-    assert torch.equal(old_total, new_total)
-    assert set(new) == {"ce", "mlm", "cos", "mse", "attn_rel", "hidden_mse"}
-    assert new["attn_rel"].item() == 0.0 and new["hidden_mse"].item() == 0.0
+    total, terms = distillation_loss(Features(torch.randn(B, L, D), torch.randn(n, V)),
+                                     Features(torch.randn(B, L, D), torch.randn(n, V)), labels,
+                                     mask, slice(None), w)
+    assert set(terms) == {"ce", "mlm", "cos", "mse", "attn_rel", "hidden_mse"}
+    assert terms["attn_rel"].item() == 0.0 and terms["hidden_mse"].item() == 0.0
+    assert total.item() == pytest.approx(5 * terms["ce"].item() + 2 * terms["mlm"].item()
+                                         + terms["cos"].item() + 0.5 * terms["mse"].item(),
+                                         rel=1e-6)
 
 
 def test_total_includes_the_new_terms():
@@ -222,7 +221,7 @@ def test_total_includes_the_new_terms():
     real = torch.tensor([0, 1])
     w = LossWeights(alpha_ce=1.0, alpha_mlm=0.0, alpha_cos=0.5, alpha_attn_rel=3.0,
                     alpha_hidden_mse=0.25, attn_rel_heads=1)
-    total, raw = distillation_loss(_feats(hs, logits_s, qkv=qs), _feats(ht, logits_t, qkv=qt),
+    total, raw = distillation_loss(Features(hs, logits_s, qkv=qs), Features(ht, logits_t, qkv=qt),
                                    None, real, None, w)
     assert raw["attn_rel"].item() == pytest.approx(_attn_rel_by_hand(T_QKV, S_QKV), rel=1e-6)
     want = raw["ce"] + 0.5 * raw["cos"] + 3.0 * raw["attn_rel"] + 0.25 * raw["hidden_mse"]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distil_scale.cli import UserError
+from distil_scale.errors import UserError
 from distil_scale.glue.config import load_glue_config
 from distil_scale.glue.distill import TaskDistillLoss, distill_task
 from distil_scale.glue.modeling import load_teacher, student_from_teacher

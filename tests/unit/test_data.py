@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from fixtures import minilm_path, write_corpus
-from distil_scale.cli import UserError
+from distil_scale.errors import UserError
 from distil_scale.config import DataConfig
 from distil_scale.data.loader import BatchLoader, PretrainStream, build_eval_set
 from distil_scale.data.masking import DynamicMasker

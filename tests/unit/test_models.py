@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from distil_scale.cli import UserError
+from distil_scale.errors import UserError
 from distil_scale.config import StudentConfig
 from distil_scale.models import (StudentForDistillation, TeacherForDistillation, build_student,
                                  even_layer_map, resolve_model_path)

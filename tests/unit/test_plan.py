@@ -97,11 +97,11 @@ def test_activation_formula_matches_saved_tensors_of_a_real_student(dropout, sla
     """Eager attention, fp32 on CPU: count the bytes autograd keeps for backward."""
     from transformers import BertConfig, DistilBertForMaskedLM
 
-    from distil_scale.models import StudentForDistillation, student_config_from_teacher
+    from distil_scale.models import StudentForDistillation, student_config
 
     t = BertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                    intermediate_size=512)
-    sc = student_config_from_teacher(t, 2, dropout, dropout, "eager")
+    sc = student_config(t, "distilbert", 2, 0, dropout, dropout, "eager")
     model = StudentForDistillation(DistilBertForMaskedLM(sc)).train()
     s, b = 128, 4
     ids = torch.randint(1000, 2000, (b, s))

@@ -1,8 +1,7 @@
-"""Shared launcher plumbing: user errors become one line on stderr and exit code 2."""
+"""User errors: one line on stderr naming the field and the fix, exit code 2, no traceback."""
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Callable
 
@@ -27,7 +26,3 @@ def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
         sys.exit(rc or 0)
 
     return wrapper
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
