@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import make_tiny_model, write_fixture
-
-from fixtures import REPO  # noqa: E402
+from fixtures import BIN, PYTHON, REPO, make_tiny_model, run, write_fixture
 
 
 @pytest.mark.slow
@@ -58,3 +56,26 @@ def test_finetune_under_torchrun_two_ranks(tmp_path, backend):
     assert {"loss/total", "optim/lr", "optim/grad_norm"} <= set(next(x for x in lines if "loss/task" in x))
     assert [x["step"] for x in lines if "eval/dev_f1" in x] == [6, 12]
     assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_task_distillation_on_fsdp_two_ranks(tmp_path):
+    """A teacher fine-tuned in one process, then task distillation on FSDP2 over 2 ranks: the
+    teacher stays a plain frozen module on every rank, the student is sharded."""
+    model = make_tiny_model(tmp_path / "tiny", arch="bert")
+    data = write_fixture(tmp_path / "glue", "rte", n_train=48, n_dev=13)
+    common = ["--task", "rte", "--data-dir", str(data), "train.batch_size=8", "train.lr=1e-3",
+              "data.max_length=32", "train.progress_bar=false"]
+    run([PYTHON, str(REPO / "launch" / "finetune.py"), "--model", str(model),
+         "--output-dir", str(tmp_path / "teacher"), *common, "train.epochs=2"])
+    out = tmp_path / "distil"
+    log = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+               str(REPO / "launch" / "distill_task.py"), "--teacher",
+               str(tmp_path / "teacher" / "model"), "--student", "init:teacher-layers",
+               "--output-dir", str(out), *common, "train.epochs=1", "parallel.backend=fsdp"])
+    r = json.loads((out / "results.json").read_text())
+    assert r["mode"] == "distill" and r["backend"] == "fsdp" and r["world_size"] == 2, log[-2000:]
+    assert r["steps"] == 6  # 48 examples, global batch 8 (4 per rank): 6 steps an epoch
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/dev_accuracy" in x for x in lines)
+    assert (out / "model" / "config.json").is_file()
