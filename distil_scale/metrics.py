@@ -46,10 +46,12 @@ def console_line(step: int, max_steps: int, v: dict[str, float]) -> str:
     parts = [f"step {step:>6}/{max_steps}"]
     for key, label, fmt in (("loss/total", "loss", ".4f"), ("loss/ce", "kl", ".4f"),
                             ("loss/mlm", "mlm", ".4f"), ("loss/cos", "cos", ".4f"),
+                            ("loss/attn_rel", "rel", ".4f"), ("loss/hidden_mse", "hmse", ".4f"),
                             ("optim/lr", "lr", ".2e"), ("optim/grad_norm", "gnorm", ".2f"),
                             ("perf/tokens_per_s", "tok/s", ".0f"), ("perf/mfu", "mfu", ".1%"),
                             ("perf/data_wait_pct", "wait", ".1f"), ("mem/peak_gib", "mem", ".2f")):
-        if key in v:
+        # the optional terms only when their weight is on (an off term logs 0)
+        if key in v and (v[key] or key not in ("loss/attn_rel", "loss/hidden_mse")):
             suffix = "%" if key == "perf/data_wait_pct" else ("G" if key == "mem/peak_gib" else "")
             parts.append(f"{label} {v[key]:{fmt}}{suffix}")
     return "  ".join(parts)
