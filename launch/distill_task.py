@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distil_scale.cli import main_guard  # noqa: E402
+from distil_scale.errors import main_guard  # noqa: E402
 from distil_scale.glue.cli import distill_main  # noqa: E402
 
 if __name__ == "__main__":
