@@ -14,7 +14,6 @@ report how many positions it selected (a synchronisation per micro-step).
 from __future__ import annotations
 
 import dataclasses
-import math
 import struct
 import zlib
 from dataclasses import dataclass

@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError

@@ -29,16 +29,14 @@ CPU, bf16 and SDPA on CUDA (synchronised around every forward).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import math
 import os
 import random
 import statistics
-import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from fixtures import make_tiny_teacher, run_launcher, tiny_overrides, write_corpus
+from fixtures import make_tiny_teacher, run_launcher, tiny_overrides
 from distil_scale import pretrain_cli
 
 

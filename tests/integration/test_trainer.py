@@ -1,15 +1,8 @@
 """End-to-end runs of launch/pretrain.py on a tiny real teacher and a corpus made in code."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
-from fixtures import REPO, make_tiny_teacher, read_metrics, run_launcher, tiny_overrides
+from fixtures import make_tiny_teacher, read_metrics, run_launcher, tiny_overrides
 
 
 @pytest.fixture(scope="module")

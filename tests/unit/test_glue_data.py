@@ -1,6 +1,5 @@
 """GLUE readers (local tsv layouts, made in code), the two protocols, the config, and the real
 files in ../shared/data (skipped when absent)."""
-from pathlib import Path
 
 import pytest
 
