@@ -209,14 +209,12 @@ def _param_pairs(dst: nn.Module, src: nn.Module) -> list[tuple]:
     return [(p, src.get_parameter(name)) for name, p in dst.named_parameters()]
 
 
-def build_student(teacher, cfg_student, attn_implementation: str = "eager",
-                  cosine_loss: bool = True):
+def build_student(teacher, cfg_student, attn_implementation: str = "eager"):
     """The student (a stock ``*ForMaskedLM``) and the teacher layer each student layer copies.
 
     ``cfg_student.family`` "auto" gives the teacher family's default student (DistilBERT for
-    BERT, the teacher's own family otherwise). ``cosine_loss`` is kept for old callers: a
-    narrower student's hidden states now reach the teacher's width through the projection that
-    :class:`StudentForDistillation` owns.
+    BERT, the teacher's own family otherwise). A narrower student's hidden states reach the
+    teacher's width through the projection that :class:`StudentForDistillation` owns.
     """
     tconf = teacher.config
     init = cfg_student.init
@@ -234,7 +232,7 @@ def build_student(teacher, cfg_student, attn_implementation: str = "eager",
         raise UserError(f"student.layers: {layers} out of range for a {n_t}-layer teacher")
     if cfg_student.n_layers > n_t:
         raise UserError(f"student.n_layers: {cfg_student.n_layers} > the teacher's {n_t} layers")
-    family = getattr(cfg_student, "family", "auto")
+    family = cfg_student.family
     sconf = student_config(tconf, family, cfg_student.n_layers, dim, cfg_student.dropout,
                            cfg_student.attention_dropout, attn_implementation)
     fam = family_of(sconf)
@@ -355,11 +353,10 @@ def wrap_for_distillation(teacher_mlm, student_mlm, layer_map: list[int], cfg_lo
     """(TeacherForDistillation, StudentForDistillation) capturing what ``cfg_loss`` reads and
     nothing more: the default objective gets plain wrappers."""
     t_dim, s_dim = teacher_mlm.config.hidden_size, student_mlm.config.hidden_size
-    hidden_terms = cfg_loss.alpha_cos > 0 or getattr(cfg_loss, "alpha_hidden_mse", 0) > 0
-    mapped = getattr(cfg_loss, "alpha_hidden_mse", 0) > 0 and \
-        getattr(cfg_loss, "hidden_mse_layers", "last") == "mapped"
-    rel = getattr(cfg_loss, "alpha_attn_rel", 0) > 0
-    t_layer = getattr(cfg_loss, "attn_rel_teacher_layer", -1)
+    hidden_terms = cfg_loss.alpha_cos > 0 or cfg_loss.alpha_hidden_mse > 0
+    mapped = cfg_loss.alpha_hidden_mse > 0 and cfg_loss.hidden_mse_layers == "mapped"
+    rel = cfg_loss.alpha_attn_rel > 0
+    t_layer = cfg_loss.attn_rel_teacher_layer
     n_t = teacher_mlm.config.num_hidden_layers
     if rel:
         if not -n_t <= t_layer < n_t:
@@ -378,7 +375,7 @@ def wrap_for_distillation(teacher_mlm, student_mlm, layer_map: list[int], cfg_lo
 
 def relation_heads(cfg_loss, teacher_config) -> int:
     """``loss.attn_rel_heads``, where 0 means the teacher's attention head count."""
-    return getattr(cfg_loss, "attn_rel_heads", 0) or teacher_config.num_attention_heads
+    return cfg_loss.attn_rel_heads or teacher_config.num_attention_heads
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -163,8 +163,7 @@ def build(cfg: Config, *, resume: bool, overwrite: bool, ds_config: dict | None)
         rank0_first(token_counts)
     teacher_mlm, teacher_info = load_teacher(cfg, tokenizer, rt, eval_ids, token_counts)
     seed_all(cfg.run.seed)  # the same student init on every rank, prepared teacher or not
-    student_mlm, layer_map = build_student(teacher_mlm, cfg.student, rt.attn,
-                                           cosine_loss=cfg.loss.alpha_cos > 0)
+    student_mlm, layer_map = build_student(teacher_mlm, cfg.student, rt.attn)
     teacher, student = wrap_for_distillation(teacher_mlm, student_mlm, layer_map, cfg.loss)
     teacher.to(device=rt.device, dtype=rt.teacher_dtype)
 

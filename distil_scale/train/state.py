@@ -6,6 +6,8 @@ import random
 import numpy as np
 import torch
 
+from .step import nonfinite_run
+
 
 def seed_all(seed: int) -> None:
     random.seed(seed)
@@ -70,8 +72,6 @@ class TrainState:
 
     def count_step(self, outcome, global_batch: int) -> int:
         """Book one optimizer step; returns how many non-finite steps have come in a row."""
-        from .step import nonfinite_run
-
         self.step += 1
         c = self.counters
         c["sequences"] += global_batch

@@ -34,10 +34,6 @@ def tokenizer_for(model_type, wordpiece, bpe):
     return bpe if model_type in BPE_FAMILIES else wordpiece
 
 
-teacher_config = family_config
-make_teacher = make_family_teacher
-
-
 def batch(tok):
     enc = tok([SENTENCES[0], "the king of the island"], padding=True, return_tensors="pt")
     assert (enc["attention_mask"] == 0).any()  # a padded row: padding must not matter
@@ -84,7 +80,7 @@ CUTS = [("bert", "auto", "distilbert"), ("bert", "bert", "bert"),
 def test_copied_student_computes_what_teacher_layers_compute(model_type, family, want, wordpiece,
                                                               bpe):
     tok = tokenizer_for(model_type, wordpiece, bpe)
-    teacher = make_teacher(model_type, tok)
+    teacher = make_family_teacher(model_type, tok)
     student, layers = build_student(teacher, StudentConfig(
         n_layers=2, layers=[1, 3], family=family, dropout=0.0, attention_dropout=0.0))
     assert family_of(student).model_type == want and layers == [1, 3]
@@ -100,7 +96,7 @@ def test_copied_student_computes_what_teacher_layers_compute(model_type, family,
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_table_entries_match_the_stock_classes(model_type, wordpiece, bpe):
     tok = tokenizer_for(model_type, wordpiece, bpe)
-    model = make_teacher(model_type, tok)
+    model = make_family_teacher(model_type, tok)
     fam = family_of(model)
     assert type(model) is fam.cls() and fam.model_type == model_type
     state = model.state_dict()
@@ -122,20 +118,20 @@ def test_table_entries_match_the_stock_classes(model_type, wordpiece, bpe):
 
 
 def test_student_family_errors(wordpiece):
-    deberta = teacher_config("deberta-v2", wordpiece)
+    deberta = family_config("deberta-v2", wordpiece)
     with pytest.raises(UserError, match=r"student.family: a 'distilbert' student cannot be cut "
                                         r"from a 'deberta-v2' teacher; use auto \(deberta-v2\)"):
         student_family(deberta, "distilbert")
     with pytest.raises(UserError, match=r"'roberta' student .* 'bert' teacher; use auto "
                                         r"\(distilbert\)$"):
-        student_family(teacher_config("bert", wordpiece), "roberta")
+        student_family(family_config("bert", wordpiece), "roberta")
     with pytest.raises(UserError, match=r"'roberta' student .* 'electra' teacher; use auto "
                                         r"\(electra\) or distilbert$"):
-        student_family(teacher_config("electra", wordpiece), "roberta")
+        student_family(family_config("electra", wordpiece), "roberta")
     with pytest.raises(UserError, match="student.family: unknown family 'gpt2'"):
         student_family(deberta, "gpt2")
     # ELECTRA with factorised embeddings: a DistilBERT layout cannot hold them
-    conf = teacher_config("electra", wordpiece)
+    conf = family_config("electra", wordpiece)
     conf.embedding_size = 16
     teacher = AutoModelForMaskedLM.from_config(conf)
     with pytest.raises(UserError, match="student.family: .*embeddings as wide"):
@@ -160,7 +156,7 @@ def test_config_lists_every_family():
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_load_detects_a_missing_head(model_type, tmp_path, wordpiece, bpe):
     tok = tokenizer_for(model_type, wordpiece, bpe)
-    conf = teacher_config(model_type, tok)
+    conf = family_config(model_type, tok)
     torch.manual_seed(0)
     AutoModel.from_config(conf).save_pretrained(tmp_path / "encoder")  # no MLM head
     AutoModelForMaskedLM.from_config(conf).save_pretrained(tmp_path / "mlm")
@@ -185,7 +181,7 @@ def test_unsupported_model_type_is_one_line(tmp_path):
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "electra", "deberta-v2"])
 def test_reset_head_is_identity_transform_and_unigram_bias(model_type, wordpiece, bpe):
     tok = tokenizer_for(model_type, wordpiece, bpe)
-    model = make_teacher(model_type, tok)
+    model = make_family_teacher(model_type, tok)
     fam = family_of(model)
     counts = torch.arange(len(tok) + 5, dtype=torch.long)  # longer than the vocabulary
     families.reset_head(model, counts)
@@ -201,7 +197,7 @@ def test_reset_head_is_identity_transform_and_unigram_bias(model_type, wordpiece
 
 
 def test_bert_head_parameters_keep_the_preparation_order(wordpiece):
-    model = make_teacher("bert", wordpiece)
+    model = make_family_teacher("bert", wordpiece)
     head = model.cls.predictions
     want = list(head.transform.parameters()) + [head.bias]
     assert [id(p) for p in family_of(model).head_parameters(model)] == [id(p) for p in want]
@@ -210,7 +206,7 @@ def test_bert_head_parameters_keep_the_preparation_order(wordpiece):
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_exported_student_loads_in_a_fill_mask_pipeline(model_type, tmp_path, wordpiece, bpe):
     tok = tokenizer_for(model_type, wordpiece, bpe)
-    teacher = make_teacher(model_type, tok)
+    teacher = make_family_teacher(model_type, tok)
     student, _ = build_student(teacher, StudentConfig(n_layers=2, dropout=0.0,
                                                       attention_dropout=0.0))
     student.save_pretrained(tmp_path)
@@ -238,7 +234,7 @@ def test_narrow_student_distils_through_every_term(model_type, wordpiece, bpe):
     from distil_scale.models import wrap_for_distillation
 
     tok = tokenizer_for(model_type, wordpiece, bpe)
-    teacher = make_teacher(model_type, tok)
+    teacher = make_family_teacher(model_type, tok)
     student, layers = build_student(teacher, StudentConfig(n_layers=2, dim=16, init="truncate"))
     assert student.config.hidden_size == 16 and family_of(student).ffn_size(student.config) == 32
     cfg = LossConfig(alpha_hidden_mse=1.0, hidden_mse_layers="mapped", alpha_attn_rel=1.0)
