@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.functional import gelu
 
 from .errors import UserError
 
@@ -46,6 +47,10 @@ class Family:
     head: Callable
     # (model) -> (transform Linear, transform LayerNorm, output bias Parameter)
     head_pieces: Callable
+    # (model) -> (transform: hidden rows -> rows the projection reads, projection weight (V, D),
+    # projection bias (V,) or None): the head split before its last matmul, which the fused
+    # vocabulary loss computes itself; transform + projection is exactly ``head``
+    projection: Callable
     head_prefixes: tuple
     # (output name, input name) pairs that share one tensor; a tie absent from a model (a
     # DeBERTa-v2 head that multiplies by the embeddings directly) is skipped
@@ -99,6 +104,9 @@ class Family:
     def head_logits(self, model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         return self.head(model, rows)
 
+    def head_projection(self, model: nn.Module) -> tuple:
+        return self.projection(model)
+
     # -- the head ------------------------------------------------------------------------------
     def head_parameters(self, model: nn.Module) -> list:
         dense, norm, bias = self.head_pieces(model)
@@ -150,6 +158,19 @@ def _bert_head(m):
     return t.transform.dense, t.transform.LayerNorm, t.bias
 
 
+def _bert_projection(m):
+    p = m.cls.predictions
+    return p.transform, p.decoder.weight, p.decoder.bias
+
+
+def _deberta_projection(m):
+    if m.legacy:
+        return _bert_projection(m)
+    h = m.lm_predictions.lm_head
+    return (lambda x: h.LayerNorm(h.transform_act_fn(h.dense(x))),
+            m.deberta.embeddings.word_embeddings.weight, h.bias)
+
+
 def _deberta_head(m):
     if m.legacy:
         return _bert_head(m)
@@ -186,6 +207,8 @@ def _roberta(model_type: str, mlm_class: str) -> Family:
         layer_parts=BERT_LAYER,
         head=lambda m, h: m.lm_head(h),
         head_pieces=lambda m: (m.lm_head.dense, m.lm_head.layer_norm, m.lm_head.bias),
+        projection=lambda m: (lambda x: m.lm_head.layer_norm(gelu(m.lm_head.dense(x))),
+                              m.lm_head.decoder.weight, m.lm_head.decoder.bias),
         head_prefixes=("lm_head.",),
         tied=(("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),
               ("lm_head.decoder.bias", "lm_head.bias")),
@@ -200,6 +223,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         layer_parts=BERT_LAYER,
         head=lambda m, h: m.cls(h),
         head_pieces=_bert_head,
+        projection=_bert_projection,
         head_prefixes=("cls.",),
         tied=(("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
               ("cls.predictions.decoder.bias", "cls.predictions.bias")),
@@ -209,6 +233,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         layer_parts=DISTILBERT_LAYER,
         head=lambda m, h: m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h)))),
         head_pieces=lambda m: (m.vocab_transform, m.vocab_layer_norm, m.vocab_projector.bias),
+        projection=lambda m: (lambda x: m.vocab_layer_norm(m.activation(m.vocab_transform(x))),
+                              m.vocab_projector.weight, m.vocab_projector.bias),
         head_prefixes=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
         tied=(("vocab_projector.weight", "distilbert.embeddings.word_embeddings.weight"),),
         default_student="distilbert", segments=False,
@@ -223,6 +249,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         head=lambda m, h: m.generator_lm_head(m.generator_predictions(h)),
         head_pieces=lambda m: (m.generator_predictions.dense, m.generator_predictions.LayerNorm,
                                m.generator_lm_head.bias),
+        projection=lambda m: (m.generator_predictions, m.generator_lm_head.weight,
+                              m.generator_lm_head.bias),
         head_prefixes=("generator_predictions.", "generator_lm_head."),
         tied=(("generator_lm_head.weight", "electra.embeddings.word_embeddings.weight"),),
         default_student="electra"),
@@ -233,6 +261,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         head=lambda m, h: m.cls(h) if m.legacy else m.lm_predictions(
             h, m.deberta.embeddings.word_embeddings),
         head_pieces=_deberta_head,
+        projection=_deberta_projection,
         head_prefixes=("cls.", "lm_predictions."),
         tied=(("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight"),
               ("cls.predictions.decoder.bias", "cls.predictions.bias")),

@@ -110,6 +110,148 @@ def attention_relation_kl(s_qkv, t_qkv, real: torch.Tensor, heads: int) -> torch
     return total / len(s_qkv)
 
 
+class VocabTargets(NamedTuple):
+    """What the fused vocabulary loss needs besides the student's own rows, handed to the
+    student's forward (so ZeRO-3/FSDP2 have the student's output weights gathered there).
+
+    A NamedTuple of tensors, floats and ints: every engine passes it through (DDP moves its
+    tensors to the device, FSDP2 casts its floating ones); nothing in it needs a device read.
+    """
+    teacher_rows: Optional[torch.Tensor]  # (N, D_t) the teacher's head-transformed rows
+    teacher_weight: Optional[torch.Tensor]  # (V, D_t) the teacher's output projection
+    teacher_bias: Optional[torch.Tensor]  # (V,) or None
+    labels: torch.Tensor      # (n_mlm,) the original token of each MLM row
+    mlm_rows: torch.Tensor    # (n_mlm,) sorted row indices into the N rows
+    # mlm_rows' split at every chunk_rows-th row, computed on the host: a chunk takes
+    # mlm_rows[bounds[i]:bounds[i + 1]] without asking the device where its rows are
+    mlm_bounds: tuple
+    chunk_rows: int
+    temperature: float
+    alpha_ce: float
+    alpha_mlm: float
+
+
+def mlm_chunk_bounds(mlm_rows_host, n_rows: int, chunk_rows: int) -> tuple:
+    """Where each chunk of ``chunk_rows`` rows starts in the sorted ``mlm_rows_host`` (CPU)."""
+    starts = torch.arange(0, n_rows + chunk_rows, chunk_rows).clamp_(max=n_rows)
+    return tuple(torch.searchsorted(mlm_rows_host, starts).tolist())
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear would compute in here: autocast's where it is on, else the input's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class FusedVocabLoss(torch.autograd.Function):
+    """alpha_ce * KL(teacher || student) at temperature T (times T^2, mean over the N rows) +
+    alpha_mlm * cross-entropy at the MLM rows, from the rows before the output projection.
+
+    Chunk by chunk of rows: both projections, the softmax statistics in fp32, both losses and
+    the gradients of the student's rows, weight and bias, so no (N, V) tensor ever exists and
+    backward only scales what forward accumulated. The same objective as ``soft_target_kl`` +
+    ``F.cross_entropy`` on full logits (tests hold them to 1e-5 in fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, t: VocabTargets):
+        n, T = rows.shape[0], float(t.temperature)
+        dtype = _matmul_dtype(rows)
+        t_dtype = None if t.teacher_rows is None else _matmul_dtype(t.teacher_rows)
+        # every cast is explicit below (as autocast would make it for F.linear); the softmax
+        # statistics, sums and gradient accumulators stay fp32
+        with torch.autocast(rows.device.type, enabled=False):
+            return FusedVocabLoss._forward(ctx, rows, weight, bias, t, n, T, dtype, t_dtype)
+
+    @staticmethod
+    def _forward(ctx, rows, weight, bias, t, n, T, dtype, t_dtype):
+        kl_on, mlm_on = t.alpha_ce > 0, t.alpha_mlm > 0 and t.labels.numel() > 0
+        need_grad = ctx.needs_input_grad
+        g_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) \
+            if need_grad[0] else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=rows.device) \
+            if need_grad[1] else None
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=rows.device) \
+            if bias is not None and need_grad[2] else None
+        kl_sum = rows.new_zeros((), dtype=torch.float32)
+        mlm_sum = rows.new_zeros((), dtype=torch.float32)
+        n_mlm = t.labels.numel()
+        # cast once, not per chunk: each is a (V, D) copy
+        w_c, b_c = weight.to(dtype), None if bias is None else bias.to(dtype)
+        if kl_on:
+            wt_c = t.teacher_weight.to(t_dtype)
+            bt_c = None if t.teacher_bias is None else t.teacher_bias.to(t_dtype)
+        for i, c0 in enumerate(range(0, n, t.chunk_rows)):
+            c1 = min(c0 + t.chunk_rows, n)
+            r = rows[c0:c1].to(dtype)
+            z = F.linear(r, w_c, b_c).float()  # (C, V) as F.linear under autocast, then fp32
+            grad = None
+            a, b = (t.mlm_bounds[i], t.mlm_bounds[i + 1]) if mlm_on else (0, 0)
+            if b > a:
+                local, lab = t.mlm_rows[a:b] - c0, t.labels[a:b]
+                zm = z.index_select(0, local)  # a copy: z is overwritten by the KL below
+                lse = torch.logsumexp(zm, dim=-1)
+                mlm_sum = mlm_sum + (lse - zm.gather(1, lab[:, None]).squeeze(1)).sum()
+                # d CE / d z = softmax - onehot, over the MLM rows' count
+                gm = zm.sub_(lse[:, None]).exp_().mul_(t.alpha_mlm / n_mlm)
+            if kl_on:
+                zt = F.linear(t.teacher_rows[c0:c1].to(t_dtype), wt_c, bt_c).float()
+                lt = torch.log_softmax(zt.div_(T), dim=-1)
+                del zt
+                ls = torch.log_softmax(z.div_(T), dim=-1)
+                z = None  # its last reader: 4 B per logit less at the chunk's peak
+                pt = lt.exp()
+                # sum p_t (log p_t - log p_s), the difference taken per element (two sums of
+                # p log p would cancel catastrophically when the student is close)
+                kl_sum = kl_sum + torch.dot(pt.view(-1), lt.sub_(ls).view(-1))
+                del lt
+                # d (T^2 KL / N) / d z_s = T (p_s - p_t) / N
+                grad = ls.exp_().sub_(pt).mul_(t.alpha_ce * T / n)
+                del pt
+            z = None
+            if b > a:
+                if grad is None:
+                    grad = torch.zeros((c1 - c0, weight.shape[0]), dtype=torch.float32,
+                                       device=rows.device)
+                # minus the one-hot: each row once, so a plain (non-accumulating) index write
+                gm[torch.arange(b - a, device=gm.device), lab] -= t.alpha_mlm / n_mlm
+                grad.index_add_(0, local, gm)
+            if grad is None:
+                continue
+            gd = grad.to(dtype)
+            if g_rows is not None:
+                g_rows[c0:c1] = gd @ w_c
+            if g_w is not None:
+                g_w += gd.t() @ r
+            if g_b is not None:
+                g_b.add_(grad.sum(0))
+            # nothing of this chunk may live on into the next one's peak
+            grad = gd = ls = gm = None
+        kl = kl_sum * (T * T / n)
+        mlm = mlm_sum / n_mlm if n_mlm else mlm_sum
+        total = t.alpha_ce * kl + t.alpha_mlm * mlm if mlm_on else t.alpha_ce * kl
+        ctx.save_for_backward(*(x for x in (g_rows, g_w, g_b) if x is not None))
+        ctx.has = (g_rows is not None, g_w is not None, g_b is not None)
+        ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(kl, mlm)
+        return total, kl, mlm
+
+    @staticmethod
+    def backward(ctx, g_total, _kl, _mlm):
+        saved = iter(ctx.saved_tensors)
+        out = []
+        for has, dt in zip(ctx.has, ctx.dtypes):
+            out.append((next(saved) * g_total).to(dt) if has else None)
+        return out[0], out[1], out[2], None
+
+
+def fused_vocab_loss(rows, weight, bias, targets: VocabTargets):
+    """(weighted KL + MLM, raw KL, raw MLM) from the student's head-transformed rows."""
+    return FusedVocabLoss.apply(rows, weight, bias, targets)
+
+
 class Features(NamedTuple):
     """What one distillation forward returns; [0] and [1] are what the eval code reads.
 
@@ -117,22 +259,19 @@ class Features(NamedTuple):
     hook; what was not asked for at construction is () or None, and costs nothing.
     """
     hidden: torch.Tensor  # (B, L, D) last hidden state, in the model's own width
-    logits: torch.Tensor  # (n_sel, V) vocabulary logits at the positions asked for
+    # (n_sel, V) vocabulary logits at the positions asked for; None where the fused loss ran
+    logits: Optional[torch.Tensor]
     # hidden states compared layer by layer (loss.hidden_mse_layers=mapped): the student's
     # every layer, through the projection when it is narrower; the teacher's mapped layers
     layers: tuple = ()
-    qkv: tuple = ()  # (q, k, v), each (B, L, D), at the relation layer (loss.alpha_attn_rel)
+    qkv: tuple = ()  # (q, k, v), each (B, L, D), at the relation layer (loss.attn_rel)
     # the student's last hidden state in the teacher's width (narrow students only)
     aligned: Optional[torch.Tensor] = None
-
-    def clone(self) -> "Features":
-        """Plain copies: tensors made in inference mode cannot be saved for backward."""
-        def c(x):
-            if isinstance(x, tuple):
-                return tuple(t.clone() for t in x)
-            return None if x is None else x.clone()
-
-        return Features(*(c(x) for x in self))
+    # the teacher's rows through its head transform, before the output projection (what the
+    # fused loss reads instead of teacher logits)
+    head_rows: Optional[torch.Tensor] = None
+    # the student's fused vocabulary loss: (alpha_ce * KL + alpha_mlm * MLM, KL, MLM)
+    vocab: tuple = ()
 
 
 def distillation_loss(s: Features, t: Features, labels, real, mlm_rows,
@@ -141,7 +280,8 @@ def distillation_loss(s: Features, t: Features, labels, real, mlm_rows,
 
     ``s``, ``t``: the :class:`Features` of the student and the teacher.
 
-    Logits are (n_sel, V) at the selected positions. ``mlm_rows`` indexes the rows of those
+    Logits are (n_sel, V) at the selected positions, or absent where the student's forward ran
+    the fused vocabulary loss (``s.vocab``). ``mlm_rows`` indexes the rows of those
     that are masked positions (all of them when KL is over masked tokens only), and ``labels``
     holds the original token at each of those rows. ``real``: the non-padding tokens, as flat
     row indices or as the (B, L) attention mask. Terms always has ce, mlm, cos, mse, attn_rel
@@ -149,11 +289,14 @@ def distillation_loss(s: Features, t: Features, labels, real, mlm_rows,
     """
     terms: dict[str, torch.Tensor] = {}
     zero = s.hidden.new_zeros((), dtype=torch.float32)
-    terms["ce"] = soft_target_kl(s.logits, t.logits, w.temperature) if w.alpha_ce > 0 else zero
-    if w.alpha_mlm > 0:
-        terms["mlm"] = F.cross_entropy(s.logits[mlm_rows].float(), labels)
+    if s.vocab:  # the fused loss already computed both vocabulary terms, weighted and raw
+        vocab_total, terms["ce"], terms["mlm"] = s.vocab
     else:
-        terms["mlm"] = zero
+        terms["ce"] = soft_target_kl(s.logits, t.logits, w.temperature) if w.alpha_ce > 0 \
+            else zero
+        terms["mlm"] = F.cross_entropy(s.logits[mlm_rows].float(), labels) \
+            if w.alpha_mlm > 0 else zero
+        vocab_total = w.alpha_ce * terms["ce"] + w.alpha_mlm * terms["mlm"]
     keep = real if real.dim() == 1 else real.bool()  # flat indices, or the attention mask
     # a narrower student's last hidden state reaches the teacher's width through its projection
     s_last = s.aligned if s.aligned is not None else s.hidden
@@ -163,9 +306,8 @@ def distillation_loss(s: Features, t: Features, labels, real, mlm_rows,
         if w.alpha_attn_rel > 0 else zero
     terms["hidden_mse"] = _hidden_mse_term(s, t, s_last, keep, w) \
         if w.alpha_hidden_mse > 0 else zero
-    total = (w.alpha_ce * terms["ce"] + w.alpha_mlm * terms["mlm"] + w.alpha_cos * terms["cos"]
-             + w.alpha_mse * terms["mse"] + w.alpha_attn_rel * terms["attn_rel"]
-             + w.alpha_hidden_mse * terms["hidden_mse"])
+    total = (vocab_total + w.alpha_cos * terms["cos"] + w.alpha_mse * terms["mse"]
+             + w.alpha_attn_rel * terms["attn_rel"] + w.alpha_hidden_mse * terms["hidden_mse"])
     return total, terms
 
 

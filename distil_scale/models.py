@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import UserError
 from .families import attn_for, family_of, student_family
-from .losses import Features, gather_rows
+from .losses import Features, VocabTargets, fused_vocab_loss, gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -304,19 +304,34 @@ class StudentForDistillation(nn.Module):
         n = mlm.config.num_hidden_layers
         self._qkv = _Capture(self.family, mlm, n - 1) if qkv else None
 
-    def forward(self, input_ids, attention_mask, positions) -> Features:
-        """``positions``: flat row indices into B*L (the training step), or a (B, L) mask."""
+    def forward(self, input_ids, attention_mask, positions,
+                vocab: Optional[VocabTargets] = None) -> Features:
+        """``positions``: flat row indices into B*L (the training step), or a (B, L) mask.
+        ``vocab``: run the fused vocabulary loss at those rows instead of returning logits
+        (here, inside forward, where ZeRO-3 and FSDP2 have the output projection gathered)."""
         if self._qkv is not None:
             self._qkv.start(self.mlm)
         out = self.family.encode(self.mlm, input_ids, attention_mask, hidden_states=self.layers)
         hidden = out[0]
-        logits = self.family.head_logits(self.mlm, gather_rows(hidden, positions))
+        rows = gather_rows(hidden, positions)
+        if vocab is None:
+            logits, fused = self.family.head_logits(self.mlm, rows), ()
+        else:
+            transform, weight, bias = self.family.head_projection(self.mlm)
+            logits, fused = None, fused_vocab_loss(transform(rows), weight, bias, vocab)
         to_t = self.proj if self.proj is not None else (lambda x: x)
         return Features(
             hidden, logits,
             layers=tuple(to_t(h) for h in out.hidden_states[1:]) if self.layers else (),
             qkv=self._qkv.take(self.mlm) if self._qkv is not None else (),
-            aligned=self.proj(hidden) if self.proj is not None else None)
+            aligned=self.proj(hidden) if self.proj is not None else None,
+            vocab=fused)
+
+    def projection_parameters(self) -> list:
+        """The output projection's weight and bias: parameters the fused loss reads without
+        calling the module that owns them (ZeRO-3 must be told to gather them)."""
+        _, weight, bias = self.family.head_projection(self.mlm)
+        return [p for p in (weight, bias) if p is not None]
 
 
 class TeacherForDistillation(nn.Module):
@@ -336,17 +351,28 @@ class TeacherForDistillation(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: never dropout, whoever calls .train()
 
-    def forward(self, input_ids, attention_mask, positions) -> Features:
+    def forward(self, input_ids, attention_mask, positions, logits: bool = True) -> Features:
+        """``logits=False``: the rows through the head transform only (``head_rows``), for
+        the fused loss, which projects them chunk by chunk (``projection()``)."""
         if self._qkv is not None:
             self._qkv.start(self.mlm)
         out = self.family.encode(self.mlm, input_ids, attention_mask,
                                  hidden_states=bool(self.layers))
         hidden = out[0]
-        logits = self.family.head_logits(self.mlm, gather_rows(hidden, positions))
+        rows = gather_rows(hidden, positions)
+        if logits:
+            head_logits, head_rows = self.family.head_logits(self.mlm, rows), None
+        else:
+            head_logits, head_rows = None, self.family.head_projection(self.mlm)[0](rows)
         return Features(
-            hidden, logits,
+            hidden, head_logits,
             layers=tuple(out.hidden_states[i + 1] for i in self.layers),
-            qkv=self._qkv.take(self.mlm) if self._qkv is not None else ())
+            qkv=self._qkv.take(self.mlm) if self._qkv is not None else (),
+            head_rows=head_rows)
+
+    def projection(self) -> tuple:
+        """(weight (V, D), bias (V,) or None) of the output projection."""
+        return self.family.head_projection(self.mlm)[1:]
 
 
 def wrap_for_distillation(teacher_mlm, student_mlm, layer_map: list[int], cfg_loss):

@@ -111,6 +111,12 @@ class DeepSpeedEngine(Engine):
             self.ds.compile()
         self.module = self.ds
         self.stage = self.ds.zero_optimization_stage()
+        if self.stage == 3 and hasattr(self.raw_module, "projection_parameters"):
+            # the fused loss reads the output projection inside the student's forward without
+            # calling the Linear that owns it, so ZeRO-3's per-module gathering would leave it
+            # partitioned there (an empty tensor); registered, it is gathered for the forward
+            for p in self.raw_module.projection_parameters():
+                deepspeed.zero.register_external_parameter(self.raw_module, p)
         self._skipped = self.ds.skipped_steps
         self._steps = self.ds.global_steps
 

@@ -9,30 +9,46 @@ from typing import Callable
 import torch
 
 from ..engine.base import StepResult
-from ..losses import LossWeights, distillation_loss
+from ..losses import LossWeights, VocabTargets, distillation_loss, mlm_chunk_bounds
 
 
 def distill_step(student, teacher, mb, weights: LossWeights, kl_all: bool, device):
-    """Teacher forward (inference mode) and student forward; returns (total, raw terms).
+    """Teacher forward (no grad) and student forward; returns (total, raw terms).
 
     Every selection is a gather by flat row indices the masker computed on the host: no
-    boolean indexing, so nothing in the step waits for the device to count positions.
+    boolean indexing, so nothing in the step waits for the device to count positions. Packed
+    batches (no padding, known on the host) pass no attention mask: the stock models then
+    build none, where an all-ones mask costs a device read per forward to find it is one.
     """
     ids = mb.input_ids.to(device, non_blocking=True)
-    mask = mb.attention_mask.to(device, non_blocking=True)
+    packed = mb.real_rows.numel() == mb.input_ids.numel()
+    mask = None if packed else mb.attention_mask.to(device, non_blocking=True)
     real = mb.real_rows.to(device, non_blocking=True)
     labels = mb.labels.to(device, non_blocking=True)
-    # Vocabulary logits only where a loss reads them: every real token when the KL term covers
+    # Vocabulary rows only where a loss reads them: every real token when the KL term covers
     # all of them (the MLM term then reads the masked rows among those), else the masked ones.
     if kl_all:
-        positions, mlm_rows = real, mb.masked_in_real.to(device, non_blocking=True)
+        positions, mlm_host = real, mb.masked_in_real
     else:
-        positions, mlm_rows = mb.masked_rows.to(device, non_blocking=True), slice(None)
-    with torch.inference_mode():
-        t = teacher(ids, mask, positions)
-    t = t.clone()  # inference tensors cannot be saved for backward; a clone is a normal one
-    s = student(ids, mask, positions)
-    return distillation_loss(s, t, labels, real, mlm_rows, weights)
+        positions, mlm_host = mb.masked_rows.to(device, non_blocking=True), None
+    fused = weights.fused and weights.alpha_mse == 0
+    with torch.no_grad():  # not inference_mode: its tensors could not be saved for backward
+        t = teacher(ids, mask, positions, logits=not fused)
+    if not fused:
+        mlm_rows = mlm_host.to(device, non_blocking=True) if kl_all else slice(None)
+        s = student(ids, mask, positions)
+        return distillation_loss(s, t, labels, real, mlm_rows, weights)
+    n = positions.numel()
+    if mlm_host is None:  # KL over the masked rows: every row is an MLM row, in order
+        mlm_host = torch.arange(n)
+    t_weight, t_bias = teacher.projection()
+    vocab = VocabTargets(
+        t.head_rows if weights.alpha_ce > 0 else None, t_weight, t_bias, labels,
+        mlm_host.to(device, non_blocking=True),
+        mlm_chunk_bounds(mlm_host, n, weights.fused_chunk_rows), weights.fused_chunk_rows,
+        weights.temperature, weights.alpha_ce, weights.alpha_mlm)
+    s = student(ids, mask, positions, vocab)
+    return distillation_loss(s, t, labels, real, None, weights)
 
 
 @dataclass
