@@ -178,57 +178,70 @@ class FusedVocabLoss(torch.autograd.Function):
         kl_sum = rows.new_zeros((), dtype=torch.float32)
         mlm_sum = rows.new_zeros((), dtype=torch.float32)
         n_mlm = t.labels.numel()
-        # cast once, not per chunk: each is a (V, D) copy
-        w_c, b_c = weight.to(dtype), None if bias is None else bias.to(dtype)
+        # cast once, not per chunk: each is a (V, D) copy. With the KL on, 1/T is folded into
+        # the projections (exact in bf16 for T = 2), so the logits come out already divided
+        # and no (C, V) pass divides them; the MLM rows are multiplied back by T.
+        inv_t = 1.0 / T if kl_on else 1.0
+        w_c = (weight * inv_t).to(dtype) if kl_on else weight.to(dtype)
+        b_c = None if bias is None else (bias * inv_t).to(dtype)
         if kl_on:
-            wt_c = t.teacher_weight.to(t_dtype)
-            bt_c = None if t.teacher_bias is None else t.teacher_bias.to(t_dtype)
+            wt_c = (t.teacher_weight * inv_t).to(t_dtype)
+            bt_c = None if t.teacher_bias is None else (t.teacher_bias * inv_t).to(t_dtype)
+        c_kl = t.alpha_ce * T / n  # d (T^2 KL / N) / d z_s = T (p_s - p_t) / N
         for i, c0 in enumerate(range(0, n, t.chunk_rows)):
             c1 = min(c0 + t.chunk_rows, n)
             r = rows[c0:c1].to(dtype)
-            z = F.linear(r, w_c, b_c).float()  # (C, V) as F.linear under autocast, then fp32
-            grad = None
+            # (C, V) logits / T, as F.linear computes them under autocast, then in fp32
+            z = F.linear(r, w_c, b_c).float()
             a, b = (t.mlm_bounds[i], t.mlm_bounds[i + 1]) if mlm_on else (0, 0)
             if b > a:
                 local, lab = t.mlm_rows[a:b] - c0, t.labels[a:b]
-                zm = z.index_select(0, local)  # a copy: z is overwritten by the KL below
+                zm = z.index_select(0, local)  # a copy: z's storage is reused below
+                if kl_on:
+                    zm.mul_(T)
                 lse = torch.logsumexp(zm, dim=-1)
                 mlm_sum = mlm_sum + (lse - zm.gather(1, lab[:, None]).squeeze(1)).sum()
-                # d CE / d z = softmax - onehot, over the MLM rows' count
-                gm = zm.sub_(lse[:, None]).exp_().mul_(t.alpha_mlm / n_mlm)
+                # d CE / d z = softmax - onehot, over the MLM rows' count; each row once, so a
+                # plain (non-accumulating) index write takes off the one-hot
+                gm = zm.sub_(lse[:, None]).exp_()
+                gm[torch.arange(b - a, device=gm.device), lab] -= 1.0
+                gm.mul_(t.alpha_mlm / n_mlm)
             if kl_on:
-                zt = F.linear(t.teacher_rows[c0:c1].to(t_dtype), wt_c, bt_c).float()
-                lt = torch.log_softmax(zt.div_(T), dim=-1)
-                del zt
-                ls = torch.log_softmax(z.div_(T), dim=-1)
+                lt = torch.log_softmax(
+                    F.linear(t.teacher_rows[c0:c1].to(t_dtype), wt_c, bt_c).float(), dim=-1)
+                ls = torch.log_softmax(z, dim=-1)
                 z = None  # its last reader: 4 B per logit less at the chunk's peak
                 pt = lt.exp()
                 # sum p_t (log p_t - log p_s), the difference taken per element (two sums of
                 # p log p would cancel catastrophically when the student is close)
                 kl_sum = kl_sum + torch.dot(pt.view(-1), lt.sub_(ls).view(-1))
-                del lt
-                # d (T^2 KL / N) / d z_s = T (p_s - p_t) / N
-                grad = ls.exp_().sub_(pt).mul_(t.alpha_ce * T / n)
-                del pt
+                lt = None
+                # grad / c_kl = p_s - p_t; the scale is applied in the cast below
+                grad, scale = ls.exp_().sub_(pt), c_kl
+                pt = None
+            elif b > a:  # the MLM term alone: only its rows have a gradient
+                grad, scale = torch.zeros((c1 - c0, weight.shape[0]), dtype=torch.float32,
+                                          device=rows.device), 1.0
+            else:
+                continue
             z = None
             if b > a:
-                if grad is None:
-                    grad = torch.zeros((c1 - c0, weight.shape[0]), dtype=torch.float32,
-                                       device=rows.device)
-                # minus the one-hot: each row once, so a plain (non-accumulating) index write
-                gm[torch.arange(b - a, device=gm.device), lab] -= t.alpha_mlm / n_mlm
-                grad.index_add_(0, local, gm)
-            if grad is None:
-                continue
-            gd = grad.to(dtype)
+                grad.index_add_(0, local, gm, alpha=1.0 / scale)
+            if g_b is not None:
+                g_b.add_(grad.sum(0), alpha=scale)
+            # the scaled gradient in the matmul dtype, in one pass
+            gd = grad.mul_(scale) if dtype == torch.float32 else \
+                torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype,
+                                                       device=grad.device))
+            grad = None
             if g_rows is not None:
                 g_rows[c0:c1] = gd @ w_c
             if g_w is not None:
                 g_w += gd.t() @ r
-            if g_b is not None:
-                g_b.add_(grad.sum(0))
             # nothing of this chunk may live on into the next one's peak
-            grad = gd = ls = gm = None
+            gd = ls = gm = None
+        if kl_on and g_rows is not None:
+            g_rows.mul_(T)  # d/d rows = grad @ W, and w_c is W / T
         kl = kl_sum * (T * T / n)
         mlm = mlm_sum / n_mlm if n_mlm else mlm_sum
         total = t.alpha_ce * kl + t.alpha_mlm * mlm if mlm_on else t.alpha_ce * kl
