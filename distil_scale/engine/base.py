@@ -42,6 +42,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The encoder layers (FSDP2 shards each, ``train.compile`` compiles each): DistilBERT's
+    ``transformer.layer``, the BERT-shaped families' ``encoder.layer``."""
+    base = model.mlm.base_model if hasattr(model, "mlm") else model.base_model
+    for path in ("transformer.layer", "encoder.layer"):
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList):
+            return list(node)
+    raise ValueError(f"no transformer blocks found in {type(model).__name__}")
+
+
 class Engine:
     """Single-process torch engine; DDP and FSDP subclass it."""
 
@@ -60,9 +73,12 @@ class Engine:
         self.accum_steps = accum_steps
         self.max_grad_norm = max_grad_norm
         self.raw_module = model.to(device)
-        self.module = self.wrap(self.raw_module)
         if compile:
-            self.module = torch.compile(self.module)
+            # per transformer block (torchtitan's unit): every block has the same code, so one
+            # compiled graph serves them all, and the loss and indexing around them stay eager
+            for block in transformer_blocks(self.raw_module):
+                block.compile()
+        self.module = self.wrap(self.raw_module)
         fused = device.type == "cuda"
         if groups is None:
             groups = param_groups(self.raw_module, weight_decay)

@@ -24,20 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
-from .base import Engine
+from .base import Engine, transformer_blocks
 from ..distributed import ensure_process_group
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The per-layer modules to shard separately: DistilBERT's ``transformer.layer``."""
-    base = model.mlm.base_model if hasattr(model, "mlm") else model.base_model
-    for path in ("transformer.layer", "encoder.layer"):
-        node = base
-        for part in path.split("."):
-            node = getattr(node, part, None)
-        if isinstance(node, nn.ModuleList):
-            return list(node)
-    raise ValueError(f"no transformer blocks found in {type(model).__name__}")
 
 
 class FSDPEngine(Engine):
