@@ -223,11 +223,25 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
     # -- vocabulary logits at the selected positions --------------------------------------------
     frac = 1.0 if cfg.loss.kl_positions == "all" else cfg.masking.mlm_prob
     n_sel = int(round(b * s * frac))
-    lb = 28 if half else 36
-    rows.append(Row("vocabulary logits", n_sel * V * lb,
-                    f"n_sel x V x {lb} B; n_sel = {b} x {s} x {frac:g} = {n_sel} positions "
-                    "(student logits + two fp32 log-softmaxes + a transient, teacher logits + "
-                    "its log-softmax, logit gradients)"))
+    if cfg.loss.fused and cfg.loss.alpha_mse == 0:
+        # measured with tools.memory.LiveStorage (launch/bench.py prints it at 8192 rows):
+        # 13.2 B per element of one chunk (fp32 student and teacher logits, two fp32
+        # log-softmaxes, p_t, the chunk's gradient) + the fp32 gradient accumulators of the
+        # weight and the rows + the projection weights cast to the compute dtype
+        chunk = min(cfg.loss.fused_chunk_rows, n_sel)
+        cast = 2 * 2 * V * h if half else 0
+        rows.append(Row("vocabulary loss (fused, chunked)",
+                        14 * chunk * V + 4 * V * h + 4 * n_sel * h + cast,
+                        "14 B x chunk x V + 4 B x V x h + 4 B x n_sel x h"
+                        + (" + 2 x 2 B x V x h" if half else "")
+                        + f"; chunk = {chunk} of n_sel = {b} x {s} x {frac:g} = {n_sel} rows "
+                        "(never a full n_sel x V tensor: loss.fused)"))
+    else:
+        lb = 28 if half else 36
+        rows.append(Row("vocabulary logits", n_sel * V * lb,
+                        f"n_sel x V x {lb} B; n_sel = {b} x {s} x {frac:g} = {n_sel} positions "
+                        "(student logits + two fp32 log-softmaxes + a transient, teacher "
+                        "logits + its log-softmax, logit gradients; loss.fused=false)"))
     rows.append(Row("hidden-state loss inputs (cos)", 12 * sbh,
                     "3 fp32 copies of s x b x h (student, teacher, gradient)"))
     # -- the teacher ------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_rtx4070_fits_12_gib_with_the_paper_student(capsys):
     assert lines[-1].startswith("fits: ") and "headroom +" in lines[-1], lines[-1]
     text = "\n".join(lines)
     for what in ("student parameters (bf16)", "student gradients", "optimizer states",
-                 "activations (6 layers", "vocabulary logits", "teacher weights",
+                 "activations (6 layers", "vocabulary loss (fused, chunked)", "teacher weights",
                  "estimate_zero2_model_states_mem_needs", "global 4096", "offloaded to CPU"):
         assert what in text, what
     p = plan_for(RTX)
@@ -45,6 +45,20 @@ def test_rtx4070_fits_12_gib_with_the_paper_student(capsys):
     assert row(p, "optimizer states").nbytes == 0  # offloaded
     assert row(p, "teacher weights").nbytes == 2 * 109_514_298  # bert-base-uncased, half
     assert p.total < 12 * GiB and p.fits
+
+
+def test_fused_loss_row_is_the_chunk_not_the_micro_batch():
+    """The default (loss.fused) plans one 1024-row chunk of logits; loss.fused=false plans the
+    whole micro-batch's (8192 rows at micro 16 x seq 512), as the bench measures it."""
+    fused = row(plan_for(RTX), "vocabulary loss (fused")
+    naive = row(plan_for(RTX, overrides=["loss.fused=false"]), "vocabulary logits")
+    V, h = 30522, 768
+    assert naive.nbytes == 8192 * V * 28
+    assert fused.nbytes == 14 * 1024 * V + 4 * V * h + 4 * 8192 * h + 4 * V * h
+    assert naive.nbytes / fused.nbytes > 8
+    assert "chunk = 1024 of n_sel = 16 x 512 x 1 = 8192 rows" in fused.how
+    # the logit MSE reads whole logits: it plans the unfused path
+    row(plan_for(RTX, overrides=["loss.alpha_mse=1"]), "vocabulary logits")
 
 
 def test_v100x8_fits_16_gib_with_the_paper_batch():
