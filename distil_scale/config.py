@@ -133,7 +133,8 @@ class LossConfig:
     # (losses.FusedVocabLoss); false: full logits and autograd (slower, ~30 bytes per logit).
     # The logit MSE (alpha_mse) reads whole logits, so it always takes the unfused path.
     fused: bool = True
-    fused_chunk_rows: int = 1024
+    # rows per chunk; 0: 1024 on CUDA, 256 on a CPU (runtime.fused_chunk_rows says why)
+    fused_chunk_rows: int = 0
     # MiniLMv2 self-attention relations (q-q, k-k, v-v) between this teacher layer (-1: the
     # last) and the student's last layer, in attn_rel_heads relation heads (0: the teacher's
     # head count; must divide both widths)
@@ -205,8 +206,8 @@ class Config:
         _check(self.train.lr > 0, "train.lr", f"must be > 0 (got {self.train.lr})")
         _check(self.loss.temperature > 0, "loss.temperature",
                f"must be > 0 (got {self.loss.temperature})")
-        _check(self.loss.fused_chunk_rows > 0, "loss.fused_chunk_rows",
-               f"must be > 0 (got {self.loss.fused_chunk_rows}); 1024 is the default")
+        _check(self.loss.fused_chunk_rows >= 0, "loss.fused_chunk_rows",
+               f"must be >= 0 (got {self.loss.fused_chunk_rows}); 0 picks it per device")
         _check(0 < self.masking.mlm_prob < 1, "masking.mlm_prob",
                f"must be in (0, 1) (got {self.masking.mlm_prob})")
         fr = (self.masking.mask_frac, self.masking.random_frac, self.masking.keep_frac)

@@ -68,6 +68,16 @@ def resolve_teacher_dtype(setting: str, precision: str, device: torch.device) ->
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
+def fused_chunk_rows(setting: int, device: torch.device) -> int:
+    """``loss.fused_chunk_rows``; 0: 1024 rows on CUDA (fewer, larger kernels; 0.42 GiB of
+    logits per chunk at V = 30522), 256 on a CPU, where a chunk's fp32 (256, V) tensors stay in
+    the caches between the loss's elementwise passes (measured 1.3x faster than 1024 rows on a
+    2-core Zen4)."""
+    if setting:
+        return setting
+    return 1024 if device.type == "cuda" else 256
+
+
 def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
     """Micro-batches per optimizer step: the global batch is set, accumulation derived."""
     if global_batch % (micro_batch * world):

@@ -66,7 +66,8 @@ from ..metrics import (datasheet_tflops, encoder_flops_per_token, head_flops_per
                        matmul_peak_size, measure_matmul_peak)
 from ..models import (build_student, count_params, load_tokenizer, resolve_model_path,
                       wrap_for_distillation)
-from ..runtime import resolve_attention, resolve_precision, resolve_teacher_dtype
+from ..runtime import (fused_chunk_rows, resolve_attention, resolve_precision,
+                       resolve_teacher_dtype)
 from ..train import distill_step, train_step
 from .memory import LiveStorage
 
@@ -675,7 +676,7 @@ def bench_one_seq(args, tokenizer, seq: int, say) -> dict:
                   tokenizer, seed=args.seed)
     vs = variants(device, args.compile)
     if args.only:
-        keep = set(args.only.split(","))
+        keep = set(args.only.split(";"))  # row names hold commas
         vs = [v for v in vs if v.name in keep or v.name in (REFERENCE, "default")]
     # the natural rows are tokenized once here and shared (the forked children inherit them)
     setup.rows = natural_rows(setup, setup.micro * (warmup + steps + 2))
@@ -723,10 +724,12 @@ def bench_one_seq(args, tokenizer, seq: int, say) -> dict:
     if args.loss_rows:
         t2 = time.perf_counter()
         dt = dtypes.get(resolve_precision("auto", device)) if device.type == "cuda" else None
-        loss_mem = vocab_loss_memory(args.loss_rows, s_conf.dim, s_conf.vocab_size,
-                                     LossConfig().fused_chunk_rows, device, dt)
+        # the chunk a GPU run takes (the paper's micro-batch is a GPU's), whatever this device
+        chunk = fused_chunk_rows(0, torch.device("cuda"))
+        loss_mem = vocab_loss_memory(args.loss_rows, s_conf.dim, s_conf.vocab_size, chunk,
+                                     device, dt)
         loss_mem.update(rows=args.loss_rows, dim=s_conf.dim, vocab=s_conf.vocab_size,
-                        chunk=LossConfig().fused_chunk_rows, seconds=time.perf_counter() - t2)
+                        chunk=chunk, seconds=time.perf_counter() - t2)
     return {"seq": seq, "results": results, "profile": prof, "setup": setup,
             "load": (load0, load1), "loss_memory": loss_mem}
 
@@ -1147,7 +1150,7 @@ def parse_args(argv=None):
                         "all rows, or none")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the one-step op profile of the default step")
-    p.add_argument("--only", default="", help=argparse.SUPPRESS)  # comma list of extra rows
+    p.add_argument("--only", default="", help=argparse.SUPPRESS)  # ";"-separated extra rows
     p.add_argument("--loss-rows", type=int, default=8192,
                    help="rows of the vocabulary-loss memory measurement (the paper's micro-batch "
                         "16 x 512 = 8192; 0 skips it)")

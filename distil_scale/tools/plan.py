@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ConfigError, load_config
+from ..runtime import fused_chunk_rows, resolve_attention
 
 GiB = 2 ** 30
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,7 +111,6 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
     from ..engine.deepspeed import DeepSpeedEngine, zero_stage
     from ..families import family_of
     from ..models import count_params, student_config
-    from ..runtime import resolve_attention
 
     world = gpus * nodes
     tconf = teacher_config(cfg.teacher.name_or_path)
@@ -228,7 +228,7 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
         # 13.2 B per element of one chunk (fp32 student and teacher logits, two fp32
         # log-softmaxes, p_t, the chunk's gradient) + the fp32 gradient accumulators of the
         # weight and the rows + the projection weights cast to the compute dtype
-        chunk = min(cfg.loss.fused_chunk_rows, n_sel)
+        chunk = min(fused_chunk_rows(cfg.loss.fused_chunk_rows, torch.device("cuda")), n_sel)
         cast = 2 * 2 * V * h if half else 0
         rows.append(Row("vocabulary loss (fused, chunked)",
                         14 * chunk * V + 4 * V * h + 4 * n_sel * h + cast,

@@ -10,6 +10,7 @@ import torch
 
 from ..engine.base import StepResult
 from ..losses import LossWeights, VocabTargets, distillation_loss, mlm_chunk_bounds
+from ..runtime import fused_chunk_rows
 
 
 def distill_step(student, teacher, mb, weights: LossWeights, kl_all: bool, device):
@@ -42,10 +43,10 @@ def distill_step(student, teacher, mb, weights: LossWeights, kl_all: bool, devic
     if mlm_host is None:  # KL over the masked rows: every row is an MLM row, in order
         mlm_host = torch.arange(n)
     t_weight, t_bias = teacher.projection()
+    chunk = fused_chunk_rows(weights.fused_chunk_rows, device)
     vocab = VocabTargets(
         t.head_rows if weights.alpha_ce > 0 else None, t_weight, t_bias, labels,
-        mlm_host.to(device, non_blocking=True),
-        mlm_chunk_bounds(mlm_host, n, weights.fused_chunk_rows), weights.fused_chunk_rows,
+        mlm_host.to(device, non_blocking=True), mlm_chunk_bounds(mlm_host, n, chunk), chunk,
         weights.temperature, weights.alpha_ce, weights.alpha_mlm)
     s = student(ids, mask, positions, vocab)
     return distillation_loss(s, t, labels, real, None, weights)
