@@ -12,6 +12,11 @@ class UserError(ConfigError):
     """Bad input that is not a config key (a path, a file's content, a model): same contract."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one line: its message's first line, or its type where it has none."""
+    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__
+
+
 def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
     """Run a launcher's main: user errors -> 'error: ...' and exit 2, no traceback."""
 
@@ -20,8 +25,7 @@ def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
         try:
             rc = fn()
         except ConfigError as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"error: {msg}", file=sys.stderr, flush=True)
+            print(f"error: {first_line(e, 10**6)}", file=sys.stderr, flush=True)
             sys.exit(2)
         sys.exit(rc or 0)
 

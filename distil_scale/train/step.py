@@ -47,7 +47,7 @@ def distill_step(student, teacher, mb, weights: LossWeights, kl_all: bool, devic
     vocab = VocabTargets(
         t.head_rows if weights.alpha_ce > 0 else None, t_weight, t_bias, labels,
         mlm_host.to(device, non_blocking=True), mlm_chunk_bounds(mlm_host, n, chunk), chunk,
-        weights.temperature, weights.alpha_ce, weights.alpha_mlm)
+        weights.temperature, weights.alpha_ce, weights.alpha_mlm, weights.fused_compile)
     s = student(ids, mask, positions, vocab)
     return distillation_loss(s, t, labels, real, None, weights)
 

@@ -56,11 +56,12 @@ def _naive(hs, W, b, ht, Wt, bt, rows, labels, T, a_ce, a_mlm):
     return out
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
 @pytest.mark.parametrize("chunk", [16, 1024])  # uneven chunks, and one chunk for all rows
 @pytest.mark.parametrize("a_ce,a_mlm", [(5.0, 2.0), (5.0, 0.0), (0.0, 2.0)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("every_row_mlm", [False, True])  # KL over all rows / masked rows only
-def test_function_equals_naive_fp32(chunk, a_ce, a_mlm, bias, every_row_mlm):
+def test_function_equals_naive_fp32(chunk, a_ce, a_mlm, bias, every_row_mlm, compiled):
     N = 103
     hs, W, b, ht, Wt, bt, rows, labels = _problem(N=N, n_mlm=N if every_row_mlm else 17,
                                                   bias=bias)
@@ -68,7 +69,7 @@ def test_function_equals_naive_fp32(chunk, a_ce, a_mlm, bias, every_row_mlm):
     ref = _naive(hs, W, b, ht, Wt, bt, rows, labels, 2.0, a_ce, a_mlm)
     g_ref = torch.autograd.grad(ref, params)
     t = VocabTargets(ht, Wt, bt, labels, rows, mlm_chunk_bounds(rows, N, chunk), chunk, 2.0,
-                     a_ce, a_mlm)
+                     a_ce, a_mlm, compiled)
     total, kl, mlm = fused_vocab_loss(hs, W, b, t)
     assert rel(total, ref) < FP32
     assert rel(a_ce * kl + a_mlm * mlm, ref) < FP32
@@ -76,12 +77,13 @@ def test_function_equals_naive_fp32(chunk, a_ce, a_mlm, bias, every_row_mlm):
         assert rel(g, r) < FP32
 
 
-def test_function_bf16_autocast_within_rounding():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_function_bf16_autocast_within_rounding(compiled):
     hs, W, b, ht, Wt, bt, rows, labels = _problem()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = _naive(hs, W, b, ht, Wt, bt, rows, labels, 2.0, 5.0, 2.0)
         t = VocabTargets(ht, Wt, bt, labels, rows, mlm_chunk_bounds(rows, 103, 16), 16, 2.0,
-                         5.0, 2.0)
+                         5.0, 2.0, compiled)
         total, _, _ = fused_vocab_loss(hs, W, b, t)
     assert total.dtype == torch.float32
     assert rel(total, ref) < BF16_LOSS
@@ -162,20 +164,25 @@ def _step(teacher_w, student_w, mb, w, kl_all):
     return total.detach(), {k: v.detach() for k, v in terms.items()}, grads
 
 
-# (family, untied head, DeBERTa legacy head, MLM weight); the MLM term off on three heads
-CASES = [(f, False, True, 2.0) for f in FAMILIES] + [
-    ("bert", True, True, 2.0), ("deberta-v2", False, False, 2.0), ("bert", False, True, 0.0),
-    ("roberta", False, True, 0.0), ("deberta-v2", False, False, 0.0)]
+# (family, untied head, DeBERTa legacy head, MLM weight, compiled chain); the MLM term off on
+# three heads, the eager chain on two families (the default compiles it)
+CASES = [(f, False, True, 2.0, True) for f in FAMILIES] + [
+    ("bert", True, True, 2.0, True), ("deberta-v2", False, False, 2.0, True),
+    ("bert", False, True, 0.0, True), ("roberta", False, True, 0.0, True),
+    ("deberta-v2", False, False, 0.0, True), ("bert", False, True, 2.0, False),
+    ("roberta", False, True, 2.0, False)]
 
 
-@pytest.mark.parametrize("model_type,untied,legacy,a_mlm", CASES,
+@pytest.mark.parametrize("model_type,untied,legacy,a_mlm,compiled", CASES,
                          ids=[f"{f}{'-untied' if u else ''}{'' if lg else '-nonlegacy'}"
-                              f"{'' if m else '-no-mlm'}" for f, u, lg, m in CASES])
+                              f"{'' if m else '-no-mlm'}{'' if c else '-eager'}"
+                              for f, u, lg, m, c in CASES])
 @pytest.mark.parametrize("kl_all", [True, False], ids=["kl-all", "kl-masked"])
-def test_every_family_fused_step_equals_unfused(toks, model_type, untied, legacy, a_mlm, kl_all):
+def test_every_family_fused_step_equals_unfused(toks, model_type, untied, legacy, a_mlm,
+                                                compiled, kl_all):
     tok = toks["bpe" if model_type in BPE_FAMILIES else "wordpiece"]
     teacher, student, layers = _family_pair(model_type, tok, untied=untied, legacy=legacy)
-    cfg = LossConfig(alpha_mlm=a_mlm, fused_chunk_rows=7)
+    cfg = LossConfig(alpha_mlm=a_mlm, fused_chunk_rows=7, fused_compile=compiled)
     tw, sw = wrap_for_distillation(teacher, student, layers, cfg)
     sw.train()
     masker = make_masker(tok, MaskingConfig(), seed=0)
@@ -256,7 +263,9 @@ def test_packed_micro_step_reads_nothing_back_from_the_device(toks, fused):
 def test_fused_loss_live_memory_far_below_naive():
     """Peak live storage of one loss forward + backward, at the demo vocabulary (30,522) and
     2,048 rows in chunks of 256 (the ratio the default 1,024-row chunks give at the paper's
-    8,192-row micro-batch; launch/bench.py measures that one)."""
+    8,192-row micro-batch; launch/bench.py measures that one). The eager chain: a dispatch mode
+    sees every tensor it makes (torch.compile does not run under one); the compiled chain's
+    kernel keeps only per-row statistics and the bf16 gradient, less than this."""
     N, D, V, chunk = 2048, 32, 30522, 256
     hs, W, b, ht, Wt, bt, rows, labels = _problem(N=N, D=D, Dt=D, V=V, n_mlm=308)
     with LiveStorage() as naive:
