@@ -24,6 +24,9 @@ def bad(tmp_path_factory, tiny_teacher):
     (d / "not.json").write_text("{ this is not json")
     (d / "contra.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 3,
                                                "zero_optimization": {"stage": 2}}))
+    (d / "misspelt-top.json").write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    (d / "misspelt-inner.json").write_text(json.dumps({"zero_optimization": {
+        "stage": 2, "overlap_com": False}}))
     (d / "bad.yaml").write_text("train: [unclosed\n")
     (d / "list.yaml").write_text("- a\n- b\n")
     (d / "empty.txt").write_text("")
@@ -75,6 +78,10 @@ CASES = [
     ("ds-missing", ["--ds", "{d}/none.json"], "--ds: no such file"),
     ("ds-contradicts", ["--ds", "{d}/contra.json"],
      "train_micro_batch_size_per_gpu=3 in '{d}/contra.json' contradicts train.micro_batch=4"),
+    ("ds-misspelt-top-key", ["--ds", "{d}/misspelt-top.json"],
+     "--ds: unknown top-level key 'zero_optimisation' in '{d}/misspelt-top.json'"),
+    ("ds-misspelt-section-key", ["--ds", "{d}/misspelt-inner.json"],
+     "--ds: 'zero_optimization.overlap_com' in '{d}/misspelt-inner.json' is not a DeepSpeed key"),
     ("config-missing", ["--config", "{d}/none.yaml"], "--config: no such file"),
     ("config-bad-yaml", ["--config", "{d}/bad.yaml"], "is not valid YAML"),
     ("config-not-mapping", ["--config", "{d}/list.yaml"], "must hold a mapping"),
