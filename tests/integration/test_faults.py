@@ -278,3 +278,67 @@ def test_a_kill_during_export_leaves_the_previous_student_whole(monkeypatch, cap
     assert not (out / "student.tmp").exists()
     assert "7" in (out / "student" / "README.md").read_text()
 
+
+# -- GLUE outputs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def glue(tmp_path_factory):
+    from fixtures import make_tiny_model, write_fixture
+
+    d = tmp_path_factory.mktemp("glue")
+    for t in ("rte", "mrpc"):
+        write_fixture(d, t, n_train=16, n_dev=8)
+    return d, make_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _glue_cfg(task, data_dir, out):
+    from distil_scale.glue.config import load_glue_config
+
+    return load_glue_config(task, None, [f"data.data_dir={data_dir}", f"run.output_dir={out}",
+                                         "train.epochs=1", "train.batch_size=8",
+                                         "data.max_length=32", "train.progress_bar=false"])
+
+
+def test_glue_refuses_a_directory_holding_another_tasks_run(glue, tmp_path, monkeypatch):
+    from distil_scale.errors import UserError
+    from distil_scale.glue import runner
+    from distil_scale.glue.runner import finetune
+    from distil_scale.glue.tasks import TASKS
+
+    data, model = glue
+    out = tmp_path / "rte-run"
+    finetune(TASKS["rte"], str(model), _glue_cfg("rte", data, out))
+    assert json.loads((out / "results.json").read_text())["task"] == "rte"
+    assert not (out / LOCK).exists() and not (out / "model.tmp").exists()
+    before = _snapshot(out)
+    monkeypatch.setattr(runner, "prepare_data", lambda *a: pytest.fail("data read first"))
+    with pytest.raises(UserError, match=r"holds a finetune run of rte; this is a finetune run "
+                                        r"of mrpc: choose another output directory"):
+        finetune(TASKS["mrpc"], str(model), _glue_cfg("mrpc", data, out))
+    assert _snapshot(out) == before
+    monkeypatch.undo()
+    # a rerun of the same task replaces it, metrics and all (not appended to the old ones)
+    finetune(TASKS["rte"], str(model), _glue_cfg("rte", data, out))
+    assert len([m for m in read_metrics(out) if "train/epoch_loss" in m]) == 1
+
+
+def test_a_kill_while_saving_the_glue_model_keeps_the_previous_one(glue, tmp_path, monkeypatch):
+    from distil_scale.glue import runner
+    from distil_scale.glue.runner import finetune
+    from distil_scale.glue.tasks import TASKS
+
+    data, model = glue
+    out = tmp_path / "rte-run"
+    finetune(TASKS["rte"], str(model), _glue_cfg("rte", data, out))
+    before = _snapshot(out / "model"), (out / "results.json").read_bytes()
+
+    def killed(*a):
+        raise KeyboardInterrupt  # dies with the new model written, before it is swapped in
+
+    monkeypatch.setattr(runner, "replace_dir", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(TASKS["rte"], str(model), _glue_cfg("rte", data, out))
+    assert (_snapshot(out / "model"), (out / "results.json").read_bytes()) == before
+    assert not (out / LOCK).exists()
+
