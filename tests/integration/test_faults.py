@@ -342,3 +342,34 @@ def test_a_kill_while_saving_the_glue_model_keeps_the_previous_one(glue, tmp_pat
     assert (_snapshot(out / "model"), (out / "results.json").read_bytes()) == before
     assert not (out / LOCK).exists()
 
+
+# -- prepared teachers ----------------------------------------------------------------------------
+
+
+def test_a_prepared_teacher_is_reused_only_for_the_teacher_it_was_prepared_from(
+        monkeypatch, capsys, tmp_path, corpus):
+    from fixtures import make_tiny_teacher
+
+    a = make_tiny_teacher(tmp_path / "a", layers=2, with_head=False, seed=1)
+    b = make_tiny_teacher(tmp_path / "b", layers=2, with_head=False, seed=2)
+    pdir = tmp_path / "prepared"
+    common = {"teacher.prepare_steps": 2, "teacher.prepared_dir": str(pdir),
+              "train.max_steps": 1, "checkpoint.every_steps": 1}
+    rc, _, err = _cli(monkeypatch, capsys, tiny_overrides(a, corpus, tmp_path / "ra", **common))
+    assert rc == 0, err[-2000:]
+    record = json.loads((pdir / "PREPARED.json").read_text())
+    assert record["source"] == str(a) and record["key"]
+    before = _snapshot(pdir)
+    rc, lines, err = _cli(monkeypatch, capsys, tiny_overrides(b, corpus, tmp_path / "rb",
+                                                               **common))
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert lines == [f"error: teacher.prepared_dir: '{pdir}' holds a teacher prepared from "
+                     f"'{a}', not for this run's teacher '{b}'; point teacher.prepared_dir at "
+                     "another directory (or leave it empty for the per-teacher cache)"]
+    assert _snapshot(pdir) == before
+    # one prepared by an older version records nothing: refused too, not trusted
+    del record["source"], record["key"]
+    (pdir / "PREPARED.json").write_text(json.dumps(record))
+    rc, lines, _ = _cli(monkeypatch, capsys, tiny_overrides(a, corpus, tmp_path / "rc",
+                                                             **common))
+    assert rc == 2 and "by an older version that did not record from what" in lines[0]
