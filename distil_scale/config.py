@@ -316,6 +316,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
+    if not text.strip():
+        # `key=` (what a shell leaves of key="") means empty, not null: "" for a string, no
+        # items for a list
+        return ""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
