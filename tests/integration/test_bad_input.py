@@ -35,6 +35,11 @@ def bad(tmp_path_factory, tiny_teacher):
     (d / "latin1" / "a.txt").write_bytes(b"a fee of \xa315m was paid " * 30)
     (d / "latin1" / "b.txt").write_bytes(b"caf\xe9 au lait, s'il vous pla\xeet " * 30)
     (d / "nofield.jsonl").write_text('{"body": "hello"}\n' * 5)
+    (d / "nomanifest").mkdir()
+    (d / "nomanifest" / "train-00000.npy").write_bytes(b"")
+    (d / "nomanifest" / "heldout.npy").write_bytes(b"")
+    rows = [{"text": None}] + [{"text": "the river and the city " * 20}] * 3
+    (d / "nulltext.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "nodata").mkdir()
     (d / "nodata" / "readme.md").write_text("no corpus here")
     (d / "noconfig").mkdir()
@@ -100,8 +105,14 @@ CASES = [
     ("student-deeper", ["student.n_layers=6"], "student.n_layers: 6 > the teacher's 4 layers"),
     ("seq-too-long", ["data.max_seq_len=1024"], "data.max_seq_len: 1024 exceeds the teacher's"),
     ("corpus-missing", ["data.source={d}/nothing.jsonl"], "data.source: no such file"),
-    ("corpus-empty", ["data.source={d}/empty.txt"], "no held-out sequence"),
-    ("corpus-blank", ["data.source={d}/blank.txt"], "no held-out sequence"),
+    ("corpus-empty", ["data.source={d}/empty.txt"],
+     "data.source: no text in '{d}/empty.txt' (empty, or only blank lines)"),
+    ("corpus-blank", ["data.source={d}/blank.txt"],
+     "data.source: no text in '{d}/blank.txt' (empty, or only blank lines)"),
+    ("corpus-null-text", ["data.source={d}/nulltext.jsonl"],
+     "data.source: a row of '{d}/nulltext.jsonl' has text=None, not text; fix or drop that row"),
+    ("shards-without-manifest", ["data.source={d}/nomanifest"],
+     "data.source: '{d}/nomanifest' holds shards but no manifest.json"),
     ("corpus-no-files", ["data.source={d}/nodata"], "no .txt/.jsonl/.json/.parquet files"),
     ("corpus-bad-utf8", ["data.source={d}/latin1", "data.encoding_errors=strict"],
      "is not valid UTF-8"),
