@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import UserError
+from ..families import FAMILIES, teacher_config
 from .packing import Encoder, Packer, vocab_hash
 from .sources import is_heldout, is_local, iter_texts, open_stream, resolve_source
 
@@ -301,9 +302,18 @@ def prepare_shards(pc: PrepareConfig, out, *, workers: int = 0, progress_bar: bo
         raise UserError(f"--shard-sequences: {pc.shard_sequences}; must be >= 1")
     if not 0.0 <= pc.heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction: {pc.heldout_fraction}; must be in [0, 1)")
-    tok_path = resolve_model_path(pc.tokenizer)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: '{out}' is a file, not a directory; choose another --out")
+    # only the vocabulary is read: a tokenizer directory needs no weights
+    tok_path = resolve_model_path(pc.tokenizer, weights=False)
     tok = load_tokenizer(tok_path)
     V, L = len(tok), pc.seq_len
+    if (Path(tok_path) / "config.json").is_file():
+        config = teacher_config(tok_path)
+        n_pos = FAMILIES[config.model_type].max_positions(config)
+        if L > n_pos:
+            raise UserError(f"--seq-len: {L} exceeds the {n_pos} positions of the model in "
+                            f"'{pc.tokenizer}'; a run could not read these shards: lower it")
     dtype = token_dtype(V)
     ident = _identity(pc, V, vocab_hash(tok))
     config_hash = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

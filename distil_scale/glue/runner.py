@@ -499,13 +499,14 @@ def default_out_dir(task: Task, model_spec: str, suffix: str = "") -> Path:
 
 def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
     from ..models import load_tokenizer, resolve_model_path
-    from .modeling import load_for_finetune
+    from .modeling import check_encoder, load_for_finetune
 
     out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
         default_out_dir(task, model_spec)
     check_output_dir(out_dir, task, "finetune")
     splits = prepare_data(task, cfg)          # bad data is refused before any model loads
     path = resolve_model_path(model_spec, "--model")
+    check_encoder(path, "--model")  # before its tokenizer: a GPT-2 directory may have none
     d, backend, ds = setup_runtime(cfg)
     try:
         tokenizer = load_tokenizer(path, "--model", fast=False)
