@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, plural
 from .distributed import any_rank, barrier, every_rank, from_rank0, rank
 from .fsio import atomic_write, fsync_dir, fsync_tree
 
@@ -135,8 +135,10 @@ class CheckpointManager:
                 continue
             saved = meta.get("world_size", world)
             if saved != world:
-                raise UserError(f"--resume: {d} was written by {saved} processes and this run "
-                                f"has {world}; resume with {saved} processes (each rank's data "
+                raise UserError(f"--resume: {d} was written by "
+                                f"{plural(saved, 'process', 'processes')} and this run has "
+                                f"{world}; resume with {plural(saved, 'process', 'processes')} "
+                                "(each rank's data "
                                 "position is its own), or start a new run.output_dir")
             _refuse_changes(d, meta, check)
             corrupt = misfit = ""

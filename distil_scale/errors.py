@@ -25,6 +25,11 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
+def plural(n: int, word: str, many: str = "") -> str:
+    """'1 process', '2 processes'."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
     """Run a launcher's main: user errors -> 'error: ...' and exit 2, no traceback."""
 

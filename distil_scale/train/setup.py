@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed, runtime
 from ..checkpoint import CheckpointManager, load_torch, save_torch
-from ..errors import UserError
+from ..errors import UserError, plural
 from ..config import Config, ConfigError, config_changes, dump_yaml, to_dict
 from ..data.loader import BatchLoader, build_eval_set, open_pretrain_stream, scan_token_counts
 from ..data.masking import MaskedBatch, make_eval_masker, make_masker
@@ -255,7 +255,7 @@ def start(run: Run) -> None:
     say(f"teacher: {run.teacher_info['path']} ({n_t / 1e6:.1f}M params, frozen, "
         f"{rt.teacher_dtype})")
     say(f"batch: global {t.global_batch} = micro {t.micro_batch} x accumulation {rt.accum} x "
-        f"{rt.world} processes, seq {cfg.data.max_seq_len}; {t.max_steps} steps; eval on "
+        f"{plural(rt.world, 'process', 'processes')}, seq {cfg.data.max_seq_len}; {t.max_steps} steps; eval on "
         f"{sum(len(b.input_ids) for b in run.eval_batches)} held-out sequences")
     say(f"objective: {w.alpha_ce:g} x KL(T={w.temperature:g}) over "
         f"{'every token' if run.kl_all else 'masked tokens'} + {w.alpha_mlm:g} x MLM + "

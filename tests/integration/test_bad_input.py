@@ -54,6 +54,10 @@ def bad(tmp_path_factory, tiny_teacher):
         d / "smallvocab")
     tok.save_pretrained(d / "smallvocab")
     make_tiny_teacher(d / "headless", layers=2, with_head=False)
+    import shutil
+    shutil.copytree(tiny_teacher, d / "truncated")
+    w = d / "truncated" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100_000])  # a download or copy cut short
     return d
 
 
@@ -76,7 +80,8 @@ CASES = [
     ("keep-last", ["checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1"),
     ("tiny-seq", ["data.max_seq_len=4"], "data.max_seq_len: must be >= 8"),
     ("override-syntax", ["train.max_steps"], "expected key=value"),
-    ("global-batch", ["train.global_batch=10"], "train.global_batch: 10 is not divisible"),
+    ("global-batch", ["train.global_batch=10"],
+     "train.global_batch: 10 is not divisible by train.micro_batch 4 x 1 process = 4"),
     ("backend", ["parallel.backend=mpi"], "parallel.backend: must be one of"),
     ("deepspeed-without-json", ["parallel.backend=deepspeed"], "needs --ds DS_JSON"),
     ("ds-not-json", ["--ds", "{d}/not.json"], "--ds: '{d}/not.json' is not valid JSON"),
@@ -95,6 +100,8 @@ CASES = [
     ("teacher-no-config", ["teacher.name_or_path={d}/noconfig"], "has no config.json"),
     ("teacher-not-mlm", ["teacher.name_or_path={d}/gpt2"],
      "is a 'gpt2' model; the teacher must be a masked LM of one of: bert"),
+    ("teacher-truncated", ["teacher.name_or_path={d}/truncated"],
+     "teacher.name_or_path: cannot read the weights in '{d}/truncated'"),
     ("teacher-headless", ["teacher.name_or_path={d}/headless", "teacher.prepare_steps=0"],
      "has no MLM head"),
     ("tokenizer-vocab", ["teacher.name_or_path={d}/smallvocab"],
