@@ -373,3 +373,60 @@ def test_a_prepared_teacher_is_reused_only_for_the_teacher_it_was_prepared_from(
     rc, lines, _ = _cli(monkeypatch, capsys, tiny_overrides(a, corpus, tmp_path / "rc",
                                                              **common))
     assert rc == 2 and "by an older version that did not record from what" in lines[0]
+
+
+# -- shards ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_teacher, corpus):
+    from distil_scale.data.shards import PrepareConfig, prepare_shards
+
+    out = tmp_path_factory.mktemp("shards") / "s"
+    prepare_shards(PrepareConfig(source=str(corpus), tokenizer=str(tiny_teacher), seq_len=32,
+                                 shard_sequences=64, heldout_fraction=0.1), out,
+                   say=lambda s: None)
+    return out
+
+
+def test_a_second_preparation_into_a_busy_out_is_refused(tmp_path, tiny_teacher, corpus):
+    from distil_scale.data.shards import PrepareConfig, prepare_shards
+    from distil_scale.errors import UserError
+
+    out = tmp_path / "s"
+    out.mkdir()
+    live = subprocess.Popen(["sleep", "60"])  # the first preparation, still running
+    try:
+        (out / LOCK).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(UserError, match=r"--out: .* is in use by a running job"):
+            prepare_shards(PrepareConfig(source=str(corpus), tokenizer=str(tiny_teacher),
+                                         seq_len=32), out, say=lambda s: None)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+    finally:
+        live.kill()
+        live.wait()
+    # once it is gone its lock is stale: the preparation runs, and leaves no lock behind
+    m = prepare_shards(PrepareConfig(source=str(corpus), tokenizer=str(tiny_teacher),
+                                     seq_len=32), out, say=lambda s: None)
+    assert m["n_sequences"] > 0 and not (out / LOCK).exists()
+
+
+def test_a_damaged_shard_is_one_line_not_an_index_error(monkeypatch, capsys, tmp_path,
+                                                         tiny_teacher, shards):
+    import shutil
+
+    import numpy as np
+
+    bad = tmp_path / "s"
+    shutil.copytree(shards, bad)
+    arr = np.load(bad / "train-00000.npy", mmap_mode="r+")
+    arr[:] = 65000  # ids past the 30522-token vocabulary, as a garbled file holds
+    arr.flush()
+    del arr
+    out = tmp_path / "r"
+    rc, lines, err = _cli(monkeypatch, capsys, tiny_overrides(tiny_teacher, bad, out))
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert lines == [f"error: data.source: a shard in '{bad}' (train-00000.npy) holds token id "
+                     "65000, outside the vocabulary of 30522; the shards are damaged: prepare "
+                     "them again with launch/prepare_data.py"]
+    assert not (out / LOCK).exists()
