@@ -24,7 +24,7 @@ import torch
 
 from .errors import UserError, first_line, plural
 from .distributed import any_rank, barrier, every_rank, from_rank0, rank
-from .fsio import atomic_write, fsync_dir, fsync_tree
+from .fsio import atomic_write, fsync_tree, recover_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class CheckpointManager:
         """Complete checkpoints, newest first."""
         if not self.root.is_dir():
             return []
+        if rank() == 0:  # a kill between replace_dir's two renames left the old copy aside
+            for d in self.root.glob(".old-step-*"):
+                recover_dir(d.with_name(d.name[len(".old-"):]))
         found = []
         for d in self.root.iterdir():
             m = _STEP_RE.match(d.name)
@@ -61,8 +64,9 @@ class CheckpointManager:
         tmp = self.root / f".tmp-step-{step:08d}"
         if rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            # what a killed save left: never read, and the run's lock says no save is running
+            for left in self.root.glob(".tmp-step-*"):
+                shutil.rmtree(left)
             tmp.mkdir()
         barrier()
         failure = None
@@ -84,12 +88,8 @@ class CheckpointManager:
             fsync_tree(tmp)  # the bytes are on disk before anything says they are complete
             atomic_write(tmp / MARKER, json.dumps({"step": step, "time": time.time(),
                                                    **(meta or {})}))
-            old = self.root / f".old-step-{step:08d}"
-            if final.exists():  # re-saving a step: the old copy goes only once the new one is in
-                final.rename(old)
-            tmp.rename(final)
-            fsync_dir(self.root)
-            shutil.rmtree(old, ignore_errors=True)
+            # re-saving a step: the old copy goes only once the new one is in
+            replace_dir(tmp, final)
             self._prune()
         barrier()
         return final

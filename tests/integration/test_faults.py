@@ -175,6 +175,36 @@ def test_a_second_run_into_a_live_directory_exits_2_at_once(monkeypatch, capsys,
         live.wait()
 
 
+
+def test_two_real_runs_into_one_directory_then_a_kill_and_a_resume(monkeypatch, capsys, tmp_path,
+                                                                   tiny_teacher, corpus):
+    """A live run's directory: a second run exits 2 at once; SIGKILL the first, and --resume
+    takes over its stale lock and continues from its checkpoint."""
+    import time
+
+    from fixtures import PYTHON, REPO, start, wait_for
+
+    out = tmp_path / "r"
+    args = tiny_overrides(tiny_teacher, corpus, out, **{"train.max_steps": 400,
+                                                        "checkpoint.every_steps": 2})
+    first = start([PYTHON, str(REPO / "launch" / "pretrain.py"), *args], tmp_path / "first.log")
+    try:
+        wait_for(out / "checkpoints" / "step-00000002" / "COMPLETE", first)
+        t0 = time.perf_counter()
+        rc, lines, err = _cli(monkeypatch, capsys, args + ["--resume"])
+        assert rc == 2 and "is in use by a running job (pid" in lines[0], err[-2000:]
+        assert time.perf_counter() - t0 < 10  # refused before the teacher or corpus is read
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / LOCK).exists()  # the killed run's, now stale
+    last = max(int(c.parent.name[5:]) for c in (out / "checkpoints").glob("step-*/COMPLETE"))
+    rc, _, err = _cli(monkeypatch, capsys, args + [f"train.max_steps={last + 2}", "--resume"])
+    assert rc == 0, err[-2000:]
+    steps = _steps(out)
+    assert steps[-1] == last + 2 and steps == sorted(set(steps))  # continued, nothing twice
+    assert not (out / LOCK).exists()
+
 def test_a_stale_lock_is_taken_over_and_released_at_exit(monkeypatch, capsys, run):
     out, args = run
     dead = subprocess.Popen(["true"])
@@ -278,6 +308,50 @@ def test_a_kill_during_export_leaves_the_previous_student_whole(monkeypatch, cap
     assert not (out / "student.tmp").exists()
     assert "7" in (out / "student" / "README.md").read_text()
 
+
+
+# -- each write point of a checkpoint, killed -----------------------------------------------------
+
+
+@pytest.mark.parametrize("point", ["write", "fsync", "marker", "swap", "prune"])
+@pytest.mark.parametrize("resave", [False, True], ids=["new-step", "same-step"])
+def test_a_kill_at_any_point_of_a_checkpoint_save_loses_nothing_complete(tmp_path, monkeypatch,
+                                                                         point, resave):
+    from distil_scale import checkpoint, fsio
+    from distil_scale.checkpoint import CheckpointManager
+
+    m = CheckpointManager(tmp_path / "ck", keep_last=2)
+    for step in (1, 2):
+        m.save(step, lambda d, s=step: (d / "x").write_text(f"v{s}"))
+    step = 2 if resave else 3
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    def writer(d):
+        (d / "x").write_text("half")
+        if point == "write":
+            die()
+
+    target = {"fsync": (checkpoint, "fsync_tree"), "marker": (checkpoint, "atomic_write"),
+              "prune": (CheckpointManager, "_prune")}.get(point)
+    if target:
+        monkeypatch.setattr(*target, die)
+    if point == "swap":  # between moving the old copy aside and renaming the new one in
+        real = fsio.Path.rename
+        monkeypatch.setattr(fsio.Path, "rename", lambda self, to: (
+            die() if self.name.startswith(".tmp-step") else real(self, to)))
+    with pytest.raises(KeyboardInterrupt):
+        m.save(step, writer)
+    monkeypatch.undo()
+    done = {d.name: (d / "x").read_text() for d in m.complete()}
+    # what was complete stays complete, with its own content (or the new one, once complete)
+    assert done.get("step-00000001") == "v1"
+    assert done.get("step-00000002") in ("v2", "half" if resave else None)
+    assert set(done) <= {"step-00000001", "step-00000002", "step-00000003"}
+    m.save(4, lambda d: (d / "x").write_text("v4"))  # the next save is not in the way
+    assert [d.name for d in m.complete()][0] == "step-00000004"
+    assert not [p.name for p in m.root.iterdir() if p.name.startswith(".")]
 
 # -- GLUE outputs ---------------------------------------------------------------------------------
 
