@@ -51,7 +51,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) 
     """Clear a replaced run only once every input has been validated and loaded: a bad input
     with --overwrite must not cost the previous run."""
     if overwrite and not resume and is_main and out.is_dir():
-        for name in (*RUN_MARKERS, "tb", "student"):
+        for name in (*RUN_MARKERS, "tb", "student", "student.tmp", ".old-student"):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)

@@ -221,7 +221,7 @@ def test_a_failed_run_releases_its_lock(monkeypatch, capsys, run):
     assert rc == 2 and not (out / LOCK).exists()
 
 
-@pytest.mark.parametrize("out_kind", ["file", "readonly"])
+@pytest.mark.parametrize("out_kind", ["file", "under-a-file", "readonly"])
 def test_an_unwritable_output_dir_is_refused_before_any_data_is_read(monkeypatch, capsys,
                                                                      tmp_path, tiny_teacher,
                                                                      out_kind):
@@ -229,6 +229,10 @@ def test_an_unwritable_output_dir_is_refused_before_any_data_is_read(monkeypatch
         out = tmp_path / "afile"
         out.write_text("x")
         want = f"run.output_dir: '{out}' is a file, not a directory"
+    elif out_kind == "under-a-file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "r"
+        want = f"run.output_dir: cannot write to '{out}' (Not a directory)"
     else:
         if os.geteuid() == 0:
             pytest.skip("root writes into read-only directories")
