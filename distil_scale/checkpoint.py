@@ -76,23 +76,29 @@ class CheckpointManager:
             failure = e
         if any_rank(failure is not None):
             barrier()
-            if rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            why = ("the disk is full" if failure is not None and failure.errno == errno.ENOSPC
-                   else first_line(failure) if failure is not None else "it failed on another rank")
-            raise UserError(f"checkpoint: writing step {step} to {self.root} failed ({why}); "
-                            "the partial copy was removed and the older checkpoints are "
-                            "untouched: free space (or fix the path) and resume with --resume")
+            self._failed(step, tmp, failure)
         barrier()
         if rank() == 0:
-            fsync_tree(tmp)  # the bytes are on disk before anything says they are complete
-            atomic_write(tmp / MARKER, json.dumps({"step": step, "time": time.time(),
-                                                   **(meta or {})}))
+            try:
+                fsync_tree(tmp)  # the bytes are on disk before anything says they are complete
+                atomic_write(tmp / MARKER, json.dumps({"step": step, "time": time.time(),
+                                                       **(meta or {})}))
+            except OSError as e:
+                self._failed(step, tmp, e)
             # re-saving a step: the old copy goes only once the new one is in
             replace_dir(tmp, final)
             self._prune()
         barrier()
         return final
+
+    def _failed(self, step: int, tmp: Path, failure: OSError | None) -> None:
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = ("the disk is full" if failure is not None and failure.errno == errno.ENOSPC
+               else first_line(failure) if failure is not None else "it failed on another rank")
+        raise UserError(f"checkpoint: writing step {step} to {self.root} failed ({why}); the "
+                        "partial copy was removed and the older checkpoints are untouched: "
+                        "free space (or fix the path) and resume with --resume")
 
     def _prune(self) -> None:
         done = self.complete()

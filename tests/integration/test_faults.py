@@ -269,6 +269,27 @@ def test_disk_full_while_checkpointing_removes_the_partial_copy(monkeypatch, cap
     assert not (out / LOCK).exists()
 
 
+
+@pytest.mark.parametrize("point", ["write", "marker"])
+def test_disk_full_at_any_point_of_a_save_is_one_line_and_leaves_no_partial_copy(tmp_path,
+                                                                                 monkeypatch,
+                                                                                 point):
+    from distil_scale import checkpoint
+    from distil_scale.checkpoint import CheckpointManager
+    from distil_scale.errors import UserError
+
+    m = CheckpointManager(tmp_path / "ck", keep_last=2)
+    m.save(1, lambda d: (d / "x").write_text("v1"))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if point == "marker":
+        monkeypatch.setattr(checkpoint, "atomic_write", full)
+    with pytest.raises(UserError, match=r"writing step 2 .* failed \(the disk is full\)"):
+        m.save(2, full if point == "write" else lambda d: (d / "x").write_text("v2"))
+    assert sorted(p.name for p in m.root.iterdir()) == ["step-00000001"]
+
 def test_checkpoint_files_are_on_disk_before_the_marker(monkeypatch, capsys, run):
     from distil_scale import checkpoint
 
