@@ -3,9 +3,15 @@
 A checkpoint is written under a temporary name, gets its COMPLETE marker, and is then renamed
 to ``step-00000N``: a kill at any moment leaves either the previous checkpoints untouched or a
 ``.tmp-*`` directory that nothing reads. Keep-last-K counts complete checkpoints only.
+
+Every file is fsynced before the marker is written and the directory renamed, so a power loss
+cannot leave a "complete" checkpoint of empty files. Loading refuses rather than restarts: only
+a file that cannot be read (corruption) makes it fall back to an older checkpoint; a checkpoint
+that reads but does not fit this run (another config, other shapes) stops the run with exit 2.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -16,13 +22,18 @@ from typing import Callable
 
 import torch
 
-from .errors import UserError
-from .distributed import barrier, every_rank, from_rank0, rank
+from .errors import UserError, first_line, plural
+from .distributed import any_rank, barrier, every_rank, from_rank0, rank
+from .fsio import atomic_write, fsync_tree, recover_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that cannot be read back (truncated, overwritten, missing)."""
 
 
 class CheckpointManager:
@@ -34,6 +45,9 @@ class CheckpointManager:
         """Complete checkpoints, newest first."""
         if not self.root.is_dir():
             return []
+        if rank() == 0:  # a kill between replace_dir's two renames left the old copy aside
+            for d in self.root.glob(".old-step-*"):
+                recover_dir(d.with_name(d.name[len(".old-"):]))
         found = []
         for d in self.root.iterdir():
             m = _STEP_RE.match(d.name)
@@ -50,57 +64,138 @@ class CheckpointManager:
         tmp = self.root / f".tmp-step-{step:08d}"
         if rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            # what a killed save left: never read, and the run's lock says no save is running
+            for left in self.root.glob(".tmp-step-*"):
+                shutil.rmtree(left)
             tmp.mkdir()
         barrier()
-        write(tmp)
+        failure = None
+        try:
+            write(tmp)
+        except OSError as e:  # disk full, quota, a dead mount: the partial copy must not stay
+            failure = e
+        if any_rank(failure is not None):
+            barrier()
+            self._failed(step, tmp, failure)
         barrier()
         if rank() == 0:
-            (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time(),
-                                                  **(meta or {})}))
-            if final.exists():  # re-saving a step (a resumed run ending where it resumed)
-                shutil.rmtree(final)
-            tmp.rename(final)
+            try:
+                fsync_tree(tmp)  # the bytes are on disk before anything says they are complete
+                atomic_write(tmp / MARKER, json.dumps({"step": step, "time": time.time(),
+                                                       **(meta or {})}))
+            except OSError as e:
+                self._failed(step, tmp, e)
+            # re-saving a step: the old copy goes only once the new one is in
+            replace_dir(tmp, final)
             self._prune()
         barrier()
         return final
+
+    def _failed(self, step: int, tmp: Path, failure: OSError | None) -> None:
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = ("the disk is full" if failure is not None and failure.errno == errno.ENOSPC
+               else first_line(failure) if failure is not None else "it failed on another rank")
+        raise UserError(f"checkpoint: writing step {step} to {self.root} failed ({why}); the "
+                        "partial copy was removed and the older checkpoints are untouched: "
+                        "free space (or fix the path) and resume with --resume")
 
     def _prune(self) -> None:
         done = self.complete()
         for d in done[max(self.keep_last, 1):]:
             shutil.rmtree(d, ignore_errors=True)
 
-    def load_latest(self, load: Callable[[Path], object], *, world: int):
-        """Load the newest complete checkpoint that every rank loads; (path, result) or None.
+    def refuse_changes(self, check: Callable[[dict], list[str]]) -> None:
+        """Before any data is read: refuse a resume whose config differs from the newest
+        complete checkpoint's (``check`` as for :meth:`load_latest`)."""
+        for d in map(Path, from_rank0([str(d) for d in self.complete()])):
+            try:
+                meta = json.loads((d / MARKER).read_text())
+            except (OSError, ValueError):
+                continue  # load_latest reports it
+            _refuse_changes(d, meta, check)
+            return
+
+    def load_latest(self, load: Callable[[Path], object], *, world: int,
+                    check: Callable[[dict], list[str]] | None = None):
+        """Load the newest complete checkpoint that every rank loads; (path, result), or None
+        when there is no complete checkpoint at all.
+
+        ``check(marker)`` returns why this run may not continue that checkpoint (a config
+        changed), one reason a line: those refuse before any file is read. Only a
+        :class:`CorruptCheckpoint` moves on to the previous checkpoint (``load`` reads every
+        file before it changes anything, so nothing is half restored); any other failure, or
+        none loading, is a :class:`UserError` listing each checkpoint's reason.
 
         All ranks walk rank 0's list together and move on together, so they never resume from
         different steps. A checkpoint written by another number of processes is refused: each
         rank's data position (stream, shuffle buffer) is its own and cannot be re-dealt.
         """
-        for d in map(Path, from_rank0([str(d) for d in self.complete()])):
-            saved = json.loads((d / MARKER).read_text()).get("world_size", world)
-            if saved != world:
-                raise UserError(f"--resume: {d} was written by {saved} processes and this run "
-                                f"has {world}; resume with {saved} processes (each rank's data "
-                                "position is its own), or start a new run.output_dir")
+        found = [Path(d) for d in from_rank0([str(d) for d in self.complete()])]
+        reasons: list[str] = []
+        for d in found:
             try:
-                result, ok = load(d), True
-            except Exception as e:  # a corrupt file shows up as many error types
-                result, ok = None, False
-                log.warning("checkpoint %s failed to load (%s: %s); trying the previous one",
-                            d, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-            if every_rank(ok):
+                meta = json.loads((d / MARKER).read_text())
+            except (OSError, ValueError) as e:
+                reasons.append(f"{d / MARKER}: unreadable ({first_line(e)})")
+                continue
+            saved = meta.get("world_size", world)
+            if saved != world:
+                raise UserError(f"--resume: {d} was written by "
+                                f"{plural(saved, 'process', 'processes')} and this run has "
+                                f"{world}; resume with {plural(saved, 'process', 'processes')} "
+                                "(each rank's data "
+                                "position is its own), or start a new run.output_dir")
+            _refuse_changes(d, meta, check)
+            corrupt = misfit = ""
+            try:
+                result = load(d)
+            except CorruptCheckpoint as e:
+                corrupt = f"{d.name}/{e}"
+            except Exception as e:  # read fine but does not fit: an older one will not either
+                misfit = f"{d.name}: {_misfit(e)}"
+            if any_rank(bool(misfit)):
+                raise UserError(
+                    f"--resume: {d} does not fit this run; nothing was changed on disk: start "
+                    "a new run.output_dir, or repeat the settings it was written with",
+                    [misfit or "it failed to load on another rank"])
+            if every_rank(not corrupt):
                 return d, result
-            if ok:
-                log.warning("checkpoint %s failed to load on another rank; trying the previous "
-                            "one", d)
+            reasons.append(corrupt or f"{d.name}: failed to load on another rank")
+            log.warning("checkpoint %s failed to load (%s); trying the previous one", d,
+                        reasons[-1])
+        if reasons:
+            raise UserError(f"--resume: no checkpoint in {self.root} loads; nothing was changed "
+                            "on disk: restore the files named below, or start a new "
+                            "run.output_dir (or --overwrite)", reasons)
         return None
+
+
+def _misfit(e: Exception) -> str:
+    """torch's state-dict errors put the key and the shapes on the line after the first."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1][:240]}"
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def _refuse_changes(d: Path, meta: dict, check) -> None:
+    changed = check(meta) if check else []
+    if changed:
+        raise UserError(
+            f"--resume: this run's config differs from the one {d.name} was written with; "
+            "repeat the original settings (only train.max_steps, logging, eval and checkpoint "
+            "cadence may change on a resume) or start a new run.output_dir", changed)
 
 
 def save_torch(obj, path: Path) -> None:
     torch.save(obj, path)
 
 
-def load_torch(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_torch(path: Path, map_location="cpu"):
+    """``torch.load``, with any failure to read the file as :class:`CorruptCheckpoint`."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, garbage, missing: all the same to a resume
+        raise CorruptCheckpoint(f"{Path(path).name}: cannot be read "
+                                f"({type(e).__name__}: {first_line(e, 120)})") from e

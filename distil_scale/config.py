@@ -329,6 +329,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
+    if not text.strip():
+        # `key=` (what a shell leaves of key="") means empty, not null: "" for a string, no
+        # items for a list
+        return ""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -393,3 +397,34 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# What a resume may change: how long the run goes on, how often it logs, evaluates and
+# checkpoints, and where it reads or caches; nothing that changes the model, the data order or
+# the optimisation it continues.
+RESUMABLE = ("train.max_steps", "train.log_every", "train.eval_every",
+             "train.max_nonfinite_steps", "checkpoint.", "metrics.", "data.prefetch",
+             "data.tokenize_workers", "data.max_retries", "data.cache_dir", "run.output_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, now: dict, allowed: tuple[str, ...] = RESUMABLE) -> list[str]:
+    """One line per key of ``now`` that differs from ``saved`` and is not ``allowed`` (an entry
+    ending in '.' allows a whole section)."""
+    a, b = _flat(saved), _flat(now)
+    out = []
+    for k in sorted(set(a) & set(b)):  # a key new to this version has no old value
+        if a.get(k) == b.get(k) or any(k == p or (p.endswith(".") and k.startswith(p))
+                                       for p in allowed):
+            continue
+        out.append(f"{k}: {b.get(k)!r} now, {a.get(k)!r} in the checkpoint")
+    return out

@@ -1,13 +1,17 @@
 """The DeepSpeed JSON, reconciled with the YAML: batch sizes, clipping and learning rate are
 stated once. ``"auto"`` fields are filled from the config; an explicit value that contradicts
-it is a one-line error rather than a silently different run."""
+it is a one-line error rather than a silently different run. Keys are checked against
+DeepSpeed's own config parser before the run starts: a misspelt key, at the top or inside a
+section, is one line naming it."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError
-from .runtime import accumulation
+from .runtime import accumulation, resolve_precision
 
 
 def load_ds_config(path: str, cfg, world: int) -> dict:
@@ -18,17 +22,67 @@ def load_ds_config(path: str, cfg, world: int) -> dict:
                      weight_decay=t.weight_decay, eps=t.adam_eps, precision=t.precision)
 
 
-def read_ds_json(path: str) -> dict:
+def read_ds_json(path: str, flag: str = "--ds") -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--ds: no such file '{path}'")
+        raise ConfigError(f"{flag}: no such file '{path}'")
     try:
         ds = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--ds: '{path}' is not valid JSON ({e}); fix the file") from None
+        raise ConfigError(f"{flag}: '{path}' is not valid JSON ({e}); fix the file") from None
     if not isinstance(ds, dict):
-        raise ConfigError(f"--ds: '{path}' must hold a JSON object")
+        raise ConfigError(f"{flag}: '{path}' must hold a JSON object")
+    check_schema(ds, path, flag)
     return ds
+
+
+class _Seen(dict):
+    """The JSON's top level, remembering which keys DeepSpeed's parser asked for."""
+
+    def __init__(self, data: dict):
+        super().__init__(data)
+        self.seen: list[str] = []
+
+    def get(self, key, *default):
+        self.seen.append(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.seen.append(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.seen.append(key)
+        return super().__contains__(key)
+
+
+def check_schema(ds: dict, path: str, flag: str = "--ds") -> None:
+    """Run DeepSpeed's own parser (``DeepSpeedConfig._initialize_params``: every section's
+    pydantic model, no process group needed) over the JSON. A top-level key it never reads is
+    unknown to it, and would otherwise be ignored (``zero_optimisation``: silently stage 0)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    seen = _Seen(ds)
+    parser = object.__new__(DeepSpeedConfig)  # __init__ wants the world size; parsing does not
+    try:
+        parser._initialize_params(seen)
+    except ValidationError as e:
+        err = e.errors()[0]
+        section = next((k for k in reversed(seen.seen) if isinstance(ds.get(k), dict)), "")
+        key = ".".join([section, *map(str, err["loc"])] if section else map(str, err["loc"]))
+        what = ("is not a DeepSpeed key" if err["type"] == "extra_forbidden"
+                else f"is invalid: {err['msg'][:120]} (got {err.get('input')!r:.40})")
+        raise ConfigError(f"{flag}: '{key}' in '{path}' {what}; fix or remove it (see "
+                          "DeepSpeed's config documentation)") from None
+    except (ValueError, TypeError, KeyError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{flag}: '{path}' is refused by DeepSpeed ({first}); fix the "
+                          "file") from None
+    unknown = sorted(set(ds) - set(seen.seen))
+    if unknown:
+        raise ConfigError(f"{flag}: unknown top-level key '{unknown[0]}' in '{path}' (DeepSpeed "
+                          "would ignore it); fix its spelling or remove it")
 
 
 def reconcile(ds: dict, path: str, *, micro: int, glob: int, world: int, max_grad_norm: float,
@@ -48,6 +102,9 @@ def reconcile(ds: dict, path: str, *, micro: int, glob: int, world: int, max_gra
                                    ("weight_decay", weight_decay, "train.weight_decay"),
                                    ("eps", eps, "train.adam_eps")):
             _reconcile(params, key, value, source, path, f"optimizer.params.{key}")
+    if precision == "auto":  # resolved as every engine resolves it, not compared unresolved
+        precision = resolve_precision("auto", torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"))
     for half in ("bf16", "fp16"):
         sect = ds.get(half)
         if isinstance(sect, dict) and sect.get("enabled") == "auto":

@@ -9,12 +9,25 @@ from .config import ConfigError
 
 
 class UserError(ConfigError):
-    """Bad input that is not a config key (a path, a file's content, a model): same contract."""
+    """Bad input that is not a config key (a path, a file's content, a model): same contract.
+
+    ``details``: further lines, one per reason, when one line cannot hold them (every
+    checkpoint of a run refusing to load, each for its own reason)."""
+
+    def __init__(self, msg: str, details: list[str] | tuple[str, ...] = ()):
+        super().__init__(msg)
+        self.details = list(details)
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """An exception as one line: its message's first line, or its type where it has none."""
-    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__
+    """An exception as one line: its message's first line, or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def plural(n: int, word: str, many: str = "") -> str:
+    """'1 process', '2 processes'."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
@@ -26,6 +39,8 @@ def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
             rc = fn()
         except ConfigError as e:
             print(f"error: {first_line(e, 10**6)}", file=sys.stderr, flush=True)
+            for line in getattr(e, "details", ()):
+                print(f"error:   {line}", file=sys.stderr, flush=True)
             sys.exit(2)
         sys.exit(rc or 0)
 

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.nn.functional import gelu
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 # a layer's pieces under common names; the three BERT-shaped families share one layout
 BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key",
@@ -372,6 +373,10 @@ def load_mlm(path: str, attn_implementation: str = "eager"):
         model, info = AutoModelForMaskedLM.from_pretrained(
             path, output_loading_info=True,
             attn_implementation=attn_for(fam.cls(), attn_implementation))
+    except (SafetensorError, OSError, EOFError, RuntimeError) as e:  # truncated, garbled
+        raise UserError(f"teacher.name_or_path: cannot read the weights in '{path}' "
+                        f"({first_line(e, 160)}); the file is damaged or incomplete: save or "
+                        "download it again") from None
     finally:
         hf_logging.set_verbosity(old)
     return model, fam.head_missing(info.get("missing_keys", []))

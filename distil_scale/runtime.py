@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .errors import plural
 
 
 def cuda_bf16_native() -> bool:
@@ -82,7 +83,8 @@ def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
     """Micro-batches per optimizer step: the global batch is set, accumulation derived."""
     if global_batch % (micro_batch * world):
         raise ConfigError(f"train.global_batch: {global_batch} is not divisible by "
-                          f"train.micro_batch {micro_batch} x {world} processes = "
+                          f"train.micro_batch {micro_batch} x "
+                          f"{plural(world, 'process', 'processes')} = "
                           f"{micro_batch * world}; make it a multiple")
     return global_batch // (micro_batch * world)
 

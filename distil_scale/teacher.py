@@ -25,6 +25,7 @@ from .data.masking import make_eval_masker, make_masker
 from .distributed import barrier
 from .evaluate import fixed_eval_batches, mlm_eval
 from .families import load_mlm
+from .fsio import replace_dir
 from .losses import gather_rows
 from .models import freeze, resolve_model_path
 
@@ -67,14 +68,28 @@ def load_teacher(cfg, tokenizer, rt, eval_ids: torch.Tensor, token_counts):
             rt.say(f"teacher: '{path}' has no MLM head; preparing it for {tc.prepare_steps} "
                    f"steps (head + top {min(tc.prepare_unfreeze_layers, model.config.num_hidden_layers)} "
                    f"layers) -> {pdir}")
-            prepare_head(model, tokenizer, cfg, rt, eval_ids, token_counts(), pdir)
+            prepare_head(model, tokenizer, cfg, rt, eval_ids, token_counts(), pdir, path)
         barrier()
         meta = json.loads((pdir / "PREPARED.json").read_text())
+        if tc.prepared_dir or "key" in meta:  # the default cache dir is named by the key itself
+            check_prepared(meta, pdir, path, prepared_key(cfg, path))
         model, _ = load_mlm(str(pdir), rt.attn)
         info.update(prepared=True, prepared_dir=str(pdir), **meta)
         rt.say(f"teacher: prepared MLM head from {pdir} (held-out masked-token accuracy "
                f"{meta['acc_before']:.1%} -> {meta['acc_after']:.1%} after {meta['steps']} steps)")
     return freeze(model), info
+
+
+def check_prepared(meta: dict, pdir: Path, path: str, key: str) -> None:
+    """A prepared teacher is reused only for the teacher and settings it was prepared from."""
+    if meta.get("key") == key:
+        return
+    was = (f"from '{meta['source']}' with other teacher.prepare_* / data settings"
+           if meta.get("source") == path else f"from '{meta.get('source')}'" if meta.get("source")
+           else "by an older version that did not record from what")
+    raise UserError(f"teacher.prepared_dir: '{pdir}' holds a teacher prepared {was}, not for "
+                    f"this run's teacher '{path}'; point teacher.prepared_dir at another "
+                    "directory (or leave it empty for the per-teacher cache)")
 
 
 def prepared_key(cfg, path: str) -> str:
@@ -105,8 +120,9 @@ class _HeadFit(nn.Module):
 
 
 def prepare_head(model, tokenizer, cfg, rt, eval_ids, counts: torch.Tensor,
-                 out_dir: Path) -> None:
-    """Fit the head (and the top layers) as a masked LM on the training stream.
+                 out_dir: Path, source: str) -> None:
+    """Fit the head (and the top layers) as a masked LM on the training stream; PREPARED.json
+    records ``source`` (the teacher's path) and the settings' key it was prepared for.
 
     It runs on rank 0 alone while the other ranks wait, so it takes the plain engine: the
     run's precision, loss scaling, clipping and non-finite guard, without a process group."""
@@ -174,11 +190,9 @@ def prepare_head(model, tokenizer, cfg, rt, eval_ids, counts: torch.Tensor,
         raise RuntimeError("teacher preparation diverged (non-finite held-out loss)")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"steps": tc.prepare_steps, "unfreeze_layers": tc.prepare_unfreeze_layers,
+    meta = {"source": source, "key": prepared_key(cfg, source), "steps": tc.prepare_steps, "unfreeze_layers": tc.prepare_unfreeze_layers,
             "unfreeze_embeddings": tc.prepare_unfreeze_embeddings,
             "acc_before": acc0, "acc_after": acc1, "loss_after": loss1,
             "wall_s": round(time.time() - t0, 1)}
     (tmp / "PREPARED.json").write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.npz"
+HELDOUT = "heldout.npy"  # as shards.py names them: a shard directory is recognised here
 
 
 class StreamError(RuntimeError):
@@ -415,10 +416,16 @@ def is_shard_dir(source: str) -> bool:
 
 
 def _refuse_unfinished(source: str) -> None:
-    if source and not source.startswith("pypi:") and (
-            Path(source).expanduser() / PROGRESS).is_file():
+    if not source or source.startswith("pypi:"):
+        return
+    d = Path(source).expanduser()
+    if (d / PROGRESS).is_file():
         raise UserError(f"data.source: '{source}' is an unfinished launch/prepare_data.py "
                         "output; re-run the same prepare_data command to finish it")
+    if d.is_dir() and ((d / HELDOUT).is_file() or any(d.glob("train-*.npy"))):
+        raise UserError(f"data.source: '{source}' holds shards but no {MANIFEST} (damaged or "
+                        "not written by this version); prepare them again with "
+                        "launch/prepare_data.py into an empty --out")
 
 
 def open_pretrain_stream(data_cfg, tokenizer, micro_batch: int, *, seed: int = 0,
@@ -488,14 +495,18 @@ def build_eval_set(data_cfg, tokenizer, n: int, *, seed: int = 0, open_fn=open_f
     if arr is None:
         fast = fast_tokenizer(tokenizer)
         packer = Packer(data_cfg.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
-        seqs, have = [], 0
+        seqs, have, any_text = [], 0, False
         for text in iter_texts(open_fn(data_cfg, seed=seed), data_cfg):
+            any_text = any_text or bool(text.strip())
             if text.strip() and is_heldout(text, data_cfg.heldout_fraction):
                 s = packer.add(encode(fast, [text])[0])
                 seqs.append(s)
                 have += len(s)
                 if have >= n:
                     break
+        if not any_text:  # not a held-out problem: there is no text at all
+            raise UserError(f"data.source: no text in '{data_cfg.source}' (empty, or only "
+                            "blank lines); give it real text")
         if not have:
             raise UserError(f"data.heldout_fraction: no held-out sequence of "
                             f"{data_cfg.max_seq_len} tokens in '{data_cfg.source}'; raise "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,6 +32,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import UserError
+from ..families import FAMILIES, teacher_config
+from ..fsio import RunLock, atomic_write
 from .packing import Encoder, Packer, vocab_hash
 from .sources import is_heldout, is_local, iter_texts, open_stream, resolve_source
 
@@ -41,7 +44,8 @@ HELDOUT = "heldout.npy"
 HELDOUT_PARTIAL = "heldout.bin"
 COUNTS = "token_counts.npy"
 _OURS = re.compile(r"^(train-\d+\.npy(\.tmp)?|heldout\.(npy|bin)(\.tmp)?|token_counts\.npy(\.tmp)?"
-                   r"|progress\.npz(\.tmp)?|manifest\.json(\.tmp)?)$")
+                   r"|progress\.npz(\.tmp)?|manifest\.json(\.tmp)?|\.lock"
+                   r"|\.[\w.-]+\.\d+\.tmp)$")  # the last: fsio.atomic_write's, killed mid-write
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -146,6 +150,7 @@ class ShardStream:
         self.manifest = m
         self.micro_batch = micro_batch
         self.seq_len = m["seq_len"]
+        self.vocab_size = int(m["vocab_size"])
         self.seed, self.rank, self.world = seed, rank, world
         self._shards = [_load(self.dir / s["file"], s["n_sequences"], self.seq_len, m["dtype"])
                         for s in m["shards"]]
@@ -174,6 +179,15 @@ class ShardStream:
         which = np.searchsorted(self._starts, idx, side="right") - 1
         for j, (s, i) in enumerate(zip(which.tolist(), idx.tolist())):
             out[j] = self._shards[s][i - self._starts[s]]
+        if len(out) and (out.max() >= self.vocab_size or out.min() < 0):
+            # checked per batch (the cost of a max over a few rows), not by a scan of every
+            # shard at start: a damaged shard would otherwise be an IndexError in the embedding
+            bad = int(out.max() if out.max() >= self.vocab_size else out.min())
+            rows_bad = ((out >= self.vocab_size) | (out < 0)).any(axis=1)
+            files = sorted({self.manifest["shards"][s]["file"] for s in which[rows_bad].tolist()})
+            raise UserError(f"data.source: a shard in '{self.dir}' ({', '.join(files)}) holds "
+                            f"token id {bad}, outside the vocabulary of {self.vocab_size}; the "
+                            "shards are damaged: prepare them again with launch/prepare_data.py")
         return out
 
     def next_batch(self):
@@ -262,16 +276,13 @@ def _refuse_other_args(out: Path, before: dict, now: dict) -> None:
 
 
 def _save_atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _save_atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write(path, buf.getvalue())
 
 
 @dataclasses.dataclass
@@ -287,7 +298,19 @@ class _Progress:
 def prepare_shards(pc: PrepareConfig, out, *, workers: int = 0, progress_bar: bool = False,
                    say=print) -> dict:
     """Tokenize ``pc.source`` into packed shards under ``out``; returns the manifest. Resumes
-    an interrupted preparation with the same arguments; refuses different ones."""
+    an interrupted preparation with the same arguments; refuses different ones, and a second
+    preparation into the same ``out`` while one is running."""
+    held: list[RunLock] = []
+    try:
+        return _prepare_shards(pc, out, held, workers=workers, progress_bar=progress_bar,
+                               say=say)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progress_bar: bool,
+                    say) -> dict:
     from tqdm.auto import tqdm
 
     from ..models import load_tokenizer, resolve_model_path
@@ -301,9 +324,18 @@ def prepare_shards(pc: PrepareConfig, out, *, workers: int = 0, progress_bar: bo
         raise UserError(f"--shard-sequences: {pc.shard_sequences}; must be >= 1")
     if not 0.0 <= pc.heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction: {pc.heldout_fraction}; must be in [0, 1)")
-    tok_path = resolve_model_path(pc.tokenizer)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: '{out}' is a file, not a directory; choose another --out")
+    # only the vocabulary is read: a tokenizer directory needs no weights
+    tok_path = resolve_model_path(pc.tokenizer, weights=False)
     tok = load_tokenizer(tok_path)
     V, L = len(tok), pc.seq_len
+    if (Path(tok_path) / "config.json").is_file():
+        config = teacher_config(tok_path)
+        n_pos = FAMILIES[config.model_type].max_positions(config)
+        if L > n_pos:
+            raise UserError(f"--seq-len: {L} exceeds the {n_pos} positions of the model in "
+                            f"'{pc.tokenizer}'; a run could not read these shards: lower it")
     dtype = token_dtype(V)
     ident = _identity(pc, V, vocab_hash(tok))
     config_hash = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -318,6 +350,8 @@ def prepare_shards(pc: PrepareConfig, out, *, workers: int = 0, progress_bar: bo
             f"tokens in {len(m['shards'])} shards); nothing to do")
         return m
     out.mkdir(parents=True, exist_ok=True)
+    held.append(RunLock(out, "--out"))
+    held[-1].acquire()
     st = _Progress()
     counts = np.zeros(V, dtype=np.int64)
     carry = np.empty((0, L), dtype=np.int32)

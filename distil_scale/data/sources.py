@@ -153,9 +153,14 @@ def iter_texts(ds, data_cfg):
                             f"({e.reason} at byte {e.start}); re-encode it as UTF-8 or set "
                             "data.encoding_errors=replace") from None
         text = row.get(data_cfg.text_field)
-        if text is None:
+        if data_cfg.text_field not in row:
             raise UserError(f"data.text_field: rows of '{data_cfg.source}' have no field "
                             f"'{data_cfg.text_field}' (fields: {', '.join(row)})")
+        if not isinstance(text, str):
+            # the field exists (a jsonl row without it reads as null): the row is the problem
+            raise UserError(f"data.source: a row of '{data_cfg.source}' has "
+                            f"{data_cfg.text_field}={text!r:.40}, not text; fix or drop that row "
+                            "(a run that stopped on it continues with --resume)")
         yield text
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import load_torch
 from ..runtime import autocast, resolve_precision
 
 
@@ -155,9 +156,9 @@ class Engine:
             torch.save(self.state_dict(), Path(ckpt_dir) / "engine.pt")
 
     def load(self, ckpt_dir: Path) -> None:
-        sd = torch.load(Path(ckpt_dir) / "engine.pt", map_location=self.device,
-                        weights_only=False)
-        self.load_state_dict(sd)
+        # read in full before anything is applied: a file that cannot be read leaves the
+        # engine as it was, so an older checkpoint can still be tried
+        self.load_state_dict(load_torch(Path(ckpt_dir) / "engine.pt", map_location=self.device))
 
     def full_state_dict(self) -> dict | None:
         """The unwrapped model's state, full-size, fp32 and on the CPU, on rank 0 (None

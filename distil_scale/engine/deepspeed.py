@@ -119,10 +119,16 @@ class DeepSpeedEngine(Engine):
                 deepspeed.zero.register_external_parameter(self.raw_module, p)
         self._skipped = self.ds.skipped_steps
         self._steps = self.ds.global_steps
+        self._norm0 = None
 
     # -- the interface ------------------------------------------------------------------------
     def backward(self, micro_loss: torch.Tensor) -> None:
         self.ds.backward(micro_loss)  # scales by 1/accumulation (and by the fp16 loss scale)
+        if self.stage == 0 and self.ds.is_gradient_accumulation_boundary():
+            # ZeRO stage 0 keeps no global grad norm (get_global_grad_norm() is None): measure
+            # it before the update, or every step would read as non-finite
+            self._norm0 = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.raw_module.parameters() if p.grad is not None])
         self.ds.step()  # a no-op until the accumulation boundary, the update there
 
     def step(self) -> StepResult:
@@ -134,6 +140,8 @@ class DeepSpeedEngine(Engine):
         skipped = self.ds.skipped_steps > self._skipped  # fp16 overflow: DeepSpeed dropped it
         self._skipped = self.ds.skipped_steps
         norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            norm = self._norm0
         norm = float("nan") if norm is None else float(norm)
         # bf16/fp32 updates are not dropped on a non-finite norm; report it as skipped anyway so
         # that the trainer's max_nonfinite_steps guard stops the run

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import load_torch
 from ..config import ConfigError
 from .base import Engine, transformer_blocks
 from ..distributed import ensure_process_group
@@ -77,13 +78,12 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        rest = load_torch(Path(ckpt_dir) / "engine_rest.pt")  # read before anything changes
         model_sd, optim_sd = get_state_dict(self.raw_module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
         set_state_dict(self.raw_module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        rest = torch.load(Path(ckpt_dir) / "engine_rest.pt", map_location="cpu",
-                          weights_only=False)
         self.scheduler.load_state_dict(rest["scheduler"])
         self.scaler.load_state_dict(rest["scaler"])
 

@@ -16,7 +16,7 @@ from ..config import to_dict
 from .config import GlueConfig
 from ..models import load_tokenizer, resolve_model_path
 from .modeling import load_for_finetune, load_teacher, same_vocab, student_from_teacher
-from .runner import (Prepared, default_out_dir, encode, fmt_metrics, log,
+from .runner import (Prepared, check_output_dir, default_out_dir, encode, fmt_metrics, log,
                      make_collate, model_inputs, prepare_data, run_seeds, score, setup_runtime)
 from .tasks import Task
 from . import metrics as M
@@ -69,6 +69,9 @@ def _hidden(config) -> int:
 
 
 def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConfig) -> dict:
+    out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
+        default_out_dir(task, student_spec, "-distill")
+    check_output_dir(out_dir, task, "distill")
     splits = prepare_data(task, cfg)          # bad data is refused before any model loads
     t_path = resolve_model_path(teacher_spec, "--teacher")
     init = None
@@ -119,8 +122,6 @@ def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConf
                         params=sum(p.numel() for p in student.parameters()))
             return student, info
 
-        out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
-            default_out_dir(task, student_spec, "-distill")
         prep = Prepared(task, splits, tokenizer, student_spec, out_dir, backend, ds)
         loss = TaskDistillLoss(teacher, cfg.distill.alpha, cfg.distill.temperature,
                                cfg.distill.alpha_cos, task.is_regression)

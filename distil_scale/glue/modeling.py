@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from ..families import FAMILIES, supported
 from .tasks import Task
 
 # parameters of a sequence-classification head (BERT: pooler + classifier; DistilBERT:
@@ -44,10 +45,27 @@ def _label_kwargs(task: Task) -> dict:
     return kw
 
 
+def check_encoder(path: str, flag: str) -> None:
+    """A GLUE model is an encoder of a supported family; a decoder such as GPT-2 would load as a
+    classifier and fail deep inside its forward."""
+    from transformers import AutoConfig
+
+    if not Path(path).is_dir():
+        return  # a hub id: from_pretrained names the problem
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}: cannot load '{path}' ({str(e).splitlines()[0][:160]})") from None
+    if model_type not in FAMILIES:
+        raise UserError(f"{flag}: '{path}' is a '{model_type}' model; GLUE fine-tuning here "
+                        f"takes an encoder of one of: {supported()}")
+
+
 def _load_classifier(path: str, flag: str, **kwargs):
     """(model, loading info) of AutoModelForSequenceClassification, or a one-line UserError."""
     from transformers import AutoModelForSequenceClassification
 
+    check_encoder(path, flag)
     _quiet_transformers()
     try:
         return AutoModelForSequenceClassification.from_pretrained(

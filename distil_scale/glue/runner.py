@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 
 from ..errors import UserError
 from ..config import dump_yaml
+from ..fsio import atomic_write, claim_output_dir, replace_dir
 from . import metrics as M
 from .config import GlueConfig
 from .data import Example, Splits, load_raw, make_splits
@@ -43,7 +45,7 @@ def setup_runtime(cfg: GlueConfig):
     if backend == "deepspeed":
         from ..ds_config import read_ds_json
 
-        ds = read_ds_json(cfg.parallel.ds_config)
+        ds = read_ds_json(cfg.parallel.ds_config, "parallel.ds_config")
     rt = runtime.resolve(backend=backend, precision=cfg.train.precision, ds_config=ds)
     return rt, backend, ds
 
@@ -374,30 +376,84 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
 
 
 def save_run(out_dir: Path, result: dict, model, prep: Prepared, cfg: GlueConfig) -> None:
-    """results.json, and the best epoch's model with its tokenizer (run.save_model)."""
+    """results.json, and the best epoch's model with its tokenizer (run.save_model), each
+    written whole before it replaces the previous one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run.save_model:
-        mdir = out_dir / "model"
-        model.save_pretrained(mdir)
-        prep.tokenizer.save_pretrained(mdir)
-        (mdir / "glue_task.json").write_text(json.dumps(
+        tmp = out_dir / "model.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
+        (tmp / "glue_task.json").write_text(json.dumps(
             {"task": prep.task.name, "num_labels": prep.task.num_labels,
              "metrics": result["metrics"], "source_model": prep.model_name}, indent=2))
+        replace_dir(tmp, out_dir / "model")
     write_json(out_dir / "results.json", result)
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+RUN_FILE = "glue_run.json"  # which task and mode a GLUE output directory holds
+PRETRAIN_MARKERS = ("checkpoints", "student")
+
+
+def check_output_dir(out: Path, task: Task, mode: str) -> None:
+    """Refuse, before any data is read, a directory that holds another task's (or mode's) run
+    or a pretraining run: a rerun of the same task replaces it, nothing else may."""
+    if not out.exists():
+        return
+    flag = "--output-dir (run.output_dir)"
+    if not out.is_dir():
+        raise UserError(f"{flag}: '{out}' is a file, not a directory; choose another")
+    held = None
+    for name in (RUN_FILE, "results.json"):
+        try:
+            held = json.loads((out / name).read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    if isinstance(held, dict) and (held.get("task"), held.get("mode", mode)) != (task.name, mode):
+        raise UserError(f"{flag}: '{out}' holds a {held.get('mode', '?')} run of "
+                        f"{held.get('task')}; this is a {mode} run of {task.name}: choose "
+                        "another output directory")
+    if any((out / m).exists() for m in PRETRAIN_MARKERS):
+        raise UserError(f"{flag}: '{out}' holds a pretraining run; choose another output "
+                        "directory")
+
+
+def start_output_dir(prep: Prepared, cfg: GlueConfig, mode: str, d):
+    """Take the directory's lock, say what it holds and clear a replaced run's metrics (a rerun
+    of the same task must not append to the old one's)."""
+    out = prep.out_dir
+    lock = claim_output_dir(out, "--output-dir (run.output_dir)")
+    if d.is_main:
+        for name in ("metrics.jsonl", "tb"):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        atomic_write(out / RUN_FILE, json.dumps({"task": prep.task.name, "mode": mode}) + "\n")
+        dump_yaml(cfg, out / "config.yaml")
+    return lock
 
 
 def run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d,
               extra: Optional[dict] = None) -> dict:
     """One run, or ``run.seeds`` runs (seed, seed+1, ...) summarised by the median."""
-    if d.is_main:
-        prep.out_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, prep.out_dir / "config.yaml")
+    lock = start_output_dir(prep, cfg, (extra or {}).get("mode", "finetune"), d)
+    try:
+        return _run_seeds(prep, cfg, build_model, loss_fn, d, extra)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d,
+               extra: Optional[dict] = None) -> dict:
     if cfg.run.seeds == 1:
         return train_one(prep, cfg, cfg.run.seed, prep.out_dir, build_model, loss_fn, d, extra)
     runs = []
@@ -443,15 +499,17 @@ def default_out_dir(task: Task, model_spec: str, suffix: str = "") -> Path:
 
 def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
     from ..models import load_tokenizer, resolve_model_path
-    from .modeling import load_for_finetune
+    from .modeling import check_encoder, load_for_finetune
 
+    out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
+        default_out_dir(task, model_spec)
+    check_output_dir(out_dir, task, "finetune")
     splits = prepare_data(task, cfg)          # bad data is refused before any model loads
     path = resolve_model_path(model_spec, "--model")
+    check_encoder(path, "--model")  # before its tokenizer: a GPT-2 directory may have none
     d, backend, ds = setup_runtime(cfg)
     try:
         tokenizer = load_tokenizer(path, "--model", fast=False)
-        out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
-            default_out_dir(task, model_spec)
         prep = Prepared(task, splits, tokenizer, model_spec, out_dir, backend, ds)
 
         def build(seed: int):

@@ -4,6 +4,7 @@ source -> pack -> mask -> engine.module (student) + frozen teacher -> triple los
 """
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from .. import distributed
 from ..config import Config, dump_yaml
 from ..data.loader import StreamError
 from ..distributed import barrier
+from ..fsio import replace_dir
 from ..metrics import console_line, peak_memory_gib
 from ..model_card import write_card
 from .setup import Run, build, start
@@ -29,6 +31,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
           ds_config: dict | None = None, resume_command: str = "") -> dict:
     t_start = time.time()
     run = build(cfg, resume=resume, overwrite=overwrite, ds_config=ds_config)
+    try:
+        return _train(run, t_start, resume, resume_command)
+    finally:
+        if run.lock:
+            run.lock.release()
+
+
+def _train(run: Run, t_start: float, resume: bool, resume_command: str) -> dict:
+    cfg = run.cfg
     if resume:
         run.resume()
     start(run)
@@ -48,10 +59,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                 out = train_step(run.engine, lambda: next_batch(run, step_start, again),
                                  run.rt.accum, run.micro_loss)
                 if state.count_step(out, t.global_batch) >= t.max_nonfinite_steps:
+                    good = run.ckpts.complete()
                     raise TrainingError(
                         f"{state.counters['nonfinite_run']} non-finite steps in a row at step "
-                        f"{state.step}; lower train.lr or check the data; last good checkpoint "
-                        f"in {run.ckpts.root}")
+                        f"{state.step}; lower train.lr or check the data; "
+                        + (f"last good checkpoint: {good[0]}" if good else
+                           "no checkpoint was written yet"))
                 window.add(out, time.perf_counter() - t0)
                 bar.update(1)
                 step, last = state.step, state.step == t.max_steps
@@ -180,12 +193,16 @@ def export(run: Run, last_eval: dict, last_log: dict, start_step: int, wall_s: f
     """The student as a stock ``*ForMaskedLM`` with its tokenizer, model card and config."""
     cfg, rt, c = run.cfg, run.rt, run.state.counters
     export_dir = run.out / "student"
+    # written whole under a temporary name, then renamed: a kill never leaves a student/ that
+    # loads with a missing tokenizer or card
+    tmp_dir = run.out / "student.tmp"
     full = run.engine.export_module()  # a collective on sharded engines: every rank calls it
     if rt.is_main and full is not None:
-        export_dir.mkdir(parents=True, exist_ok=True)
-        full.mlm.save_pretrained(export_dir)
-        run.tokenizer.save_pretrained(export_dir)
-    barrier()
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(parents=True)
+        full.mlm.save_pretrained(tmp_dir)
+        run.tokenizer.save_pretrained(tmp_dir)
     acc_end, t_acc = last_eval["eval/student_mlm_acc"], run.teacher_eval[1]
     summary = {"steps": run.state.step, "wall_s": wall_s, "acc_start": c["acc_start"],
                "acc_end": acc_end, "teacher_acc": t_acc, "teacher": run.teacher_info,
@@ -194,13 +211,15 @@ def export(run: Run, last_eval: dict, last_log: dict, start_step: int, wall_s: f
     rt.say(f"done: student held-out masked-token accuracy {began}{acc_end:.1%} "
            f"(teacher {t_acc:.1%}) in {wall_s:.0f}s")
     if rt.is_main and full is not None:
-        dump_yaml(cfg, export_dir / "training_args.yaml")
-        write_card(export_dir, cfg, {
+        dump_yaml(cfg, tmp_dir / "training_args.yaml")
+        write_card(tmp_dir, cfg, {
             **summary, **last_log, "start_step": start_step, "layers": run.layer_map,
             "n_layers": len(run.layer_map), "dim": full.mlm.config.hidden_size,
             "arch": type(full.mlm).__name__,
             "params": run.n_params, "precision": rt.precision, "backend": run.engine.name,
             "world": rt.world, "accum": rt.accum, "export_dir": str(export_dir)})
+        replace_dir(tmp_dir, export_dir)
+    barrier()
     rt.say(f"export: {export_dir} ({type(run.student_mlm).__name__}.from_pretrained / "
            "pipeline('fill-mask'); model card README.md, training_args.yaml)")
     run.metrics.close()

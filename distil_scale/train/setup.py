@@ -15,8 +15,8 @@ import torch
 
 from .. import distributed, runtime
 from ..checkpoint import CheckpointManager, load_torch, save_torch
-from ..errors import UserError
-from ..config import Config, ConfigError, dump_yaml
+from ..errors import UserError, plural
+from ..config import Config, ConfigError, config_changes, dump_yaml, to_dict
 from ..data.loader import BatchLoader, build_eval_set, open_pretrain_stream, scan_token_counts
 from ..data.masking import MaskedBatch, make_eval_masker, make_masker
 from ..distributed import barrier, rank0_first
@@ -25,6 +25,7 @@ from ..evaluate import fixed_eval_batches, mlm_eval
 from ..losses import LossWeights
 from ..metrics import MetricsLogger, distill_flops_per_token, mfu_peak
 from ..families import max_positions, teacher_config
+from ..fsio import RunLock, atomic_write, claim_output_dir
 from ..models import (TeacherForDistillation, build_student, load_tokenizer, resolve_model_path,
                       wrap_for_distillation)
 from ..teacher import load_teacher
@@ -40,13 +41,17 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if holds_run and not (resume or overwrite):
         raise UserError(f"run.output_dir: '{out}' holds another run; pass --resume to continue "
                         "it, --overwrite to replace it, or choose another run.output_dir")
+    if resume and not holds_run:
+        raise UserError(f"--resume: '{out}' holds no run to continue (no "
+                        f"{', '.join(RUN_MARKERS)}); check run.output_dir, or drop --resume to "
+                        "start a new run there")
 
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
     """Clear a replaced run only once every input has been validated and loaded: a bad input
     with --overwrite must not cost the previous run."""
     if overwrite and not resume and is_main and out.is_dir():
-        for name in (*RUN_MARKERS, "tb", "student"):
+        for name in (*RUN_MARKERS, "tb", "student", "student.tmp", ".old-student"):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -62,7 +67,19 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip()
             and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
+
+
+def resolved_config(cfg: Config, rt: runtime.Runtime) -> dict:
+    """The config with what "auto" became on this machine: what a resume must match."""
+    return {**to_dict(cfg), "resolved": {
+        "precision": rt.precision, "accumulation": rt.accum,
+        "teacher_dtype": str(rt.teacher_dtype)}}
+
+
+def resume_check(cfg: Config, rt: runtime.Runtime):
+    now = resolved_config(cfg, rt)
+    return lambda meta: config_changes(meta["config"], now) if "config" in meta else []
 
 
 @dataclass
@@ -82,6 +99,7 @@ class Run:
     engine: object
     ckpts: CheckpointManager
     eval_batches: list
+    lock: RunLock | None = None
     weights: LossWeights = field(init=False)
     metrics: MetricsLogger | None = None
     teacher_eval: tuple[float, float] = (float("nan"), float("nan"))
@@ -115,20 +133,25 @@ class Run:
             save_torch(state, d / f"trainer_rank{self.rt.rank}.pt")
 
         return self.ckpts.save(self.state.step, write,
-                               {"world_size": self.rt.world, "backend": self.engine.name})
+                               {"world_size": self.rt.world, "backend": self.engine.name,
+                                "config": resolved_config(self.cfg, self.rt)})
 
     def resume(self) -> None:
-        def load(d: Path):
-            self.engine.load(d)
-            return load_torch(d / f"trainer_rank{self.rt.rank}.pt")
+        check = resume_check(self.cfg, self.rt)
 
-        found = self.ckpts.load_latest(load, world=self.rt.world)
+        def load(d: Path):
+            # every file is read before anything is applied; what reads but does not fit
+            # (shapes, keys) stops the run, so a half-restored model never trains
+            st = load_torch(d / f"trainer_rank{self.rt.rank}.pt")
+            self.engine.load(d)
+            self.state.load_state_dict(st)
+
+        found = self.ckpts.load_latest(load, world=self.rt.world, check=check)
         if found is None:
-            self.rt.say(f"resume: no complete checkpoint in {self.ckpts.root}; starting from "
-                        "step 0")
+            self.rt.say(f"resume: no complete checkpoint in {self.ckpts.root} yet (the run "
+                        "stopped before its first); starting from step 0")
             return
-        d, st = found
-        self.state.load_state_dict(st)
+        d, _ = found
         self.rt.say(f"resume: {d} (step {self.state.step})")
         if self.rt.is_main:
             truncate_metrics(self.out / "metrics.jsonl", self.state.step)
@@ -142,6 +165,21 @@ def build(cfg: Config, *, resume: bool, overwrite: bool, ds_config: dict | None)
     distributed.init_control_group()
     out = Path(cfg.run.output_dir)
     check_output_dir(out, resume, overwrite)
+    lock = claim_output_dir(out, "run.output_dir")
+    try:
+        return _build(cfg, rt, out, lock, resume=resume, overwrite=overwrite,
+                      ds_config=ds_config)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+
+
+def _build(cfg: Config, rt: runtime.Runtime, out: Path, lock: RunLock | None, *, resume: bool,
+           overwrite: bool, ds_config: dict | None) -> Run:
+    ckpts = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
+    if resume:  # a changed config is refused before the corpus or the teacher is read
+        ckpts.refuse_changes(resume_check(cfg, rt))
     seed_all(cfg.run.seed)
 
     teacher_path = resolve_model_path(cfg.teacher.name_or_path)
@@ -189,8 +227,7 @@ def build(cfg: Config, *, resume: bool, overwrite: bool, ds_config: dict | None)
     prepare_output_dir(out, resume, overwrite, rt.is_main)
     barrier()
     return Run(cfg, rt, out, tokenizer, teacher, teacher_info, student_mlm, layer_map, state,
-               state.loader, engine, CheckpointManager(out / "checkpoints",
-                                                       cfg.checkpoint.keep_last), eval_batches)
+               state.loader, engine, ckpts, eval_batches, lock)
 
 
 def start(run: Run) -> None:
@@ -218,7 +255,7 @@ def start(run: Run) -> None:
     say(f"teacher: {run.teacher_info['path']} ({n_t / 1e6:.1f}M params, frozen, "
         f"{rt.teacher_dtype})")
     say(f"batch: global {t.global_batch} = micro {t.micro_batch} x accumulation {rt.accum} x "
-        f"{rt.world} processes, seq {cfg.data.max_seq_len}; {t.max_steps} steps; eval on "
+        f"{plural(rt.world, 'process', 'processes')}, seq {cfg.data.max_seq_len}; {t.max_steps} steps; eval on "
         f"{sum(len(b.input_ids) for b in run.eval_batches)} held-out sequences")
     say(f"objective: {w.alpha_ce:g} x KL(T={w.temperature:g}) over "
         f"{'every token' if run.kl_all else 'masked tokens'} + {w.alpha_mlm:g} x MLM + "

@@ -24,6 +24,9 @@ def bad(tmp_path_factory, tiny_teacher):
     (d / "not.json").write_text("{ this is not json")
     (d / "contra.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 3,
                                                "zero_optimization": {"stage": 2}}))
+    (d / "misspelt-top.json").write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    (d / "misspelt-inner.json").write_text(json.dumps({"zero_optimization": {
+        "stage": 2, "overlap_com": False}}))
     (d / "bad.yaml").write_text("train: [unclosed\n")
     (d / "list.yaml").write_text("- a\n- b\n")
     (d / "empty.txt").write_text("")
@@ -32,6 +35,11 @@ def bad(tmp_path_factory, tiny_teacher):
     (d / "latin1" / "a.txt").write_bytes(b"a fee of \xa315m was paid " * 30)
     (d / "latin1" / "b.txt").write_bytes(b"caf\xe9 au lait, s'il vous pla\xeet " * 30)
     (d / "nofield.jsonl").write_text('{"body": "hello"}\n' * 5)
+    (d / "nomanifest").mkdir()
+    (d / "nomanifest" / "train-00000.npy").write_bytes(b"")
+    (d / "nomanifest" / "heldout.npy").write_bytes(b"")
+    rows = [{"text": None}] + [{"text": "the river and the city " * 20}] * 3
+    (d / "nulltext.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "nodata").mkdir()
     (d / "nodata" / "readme.md").write_text("no corpus here")
     (d / "noconfig").mkdir()
@@ -46,6 +54,10 @@ def bad(tmp_path_factory, tiny_teacher):
         d / "smallvocab")
     tok.save_pretrained(d / "smallvocab")
     make_tiny_teacher(d / "headless", layers=2, with_head=False)
+    import shutil
+    shutil.copytree(tiny_teacher, d / "truncated")
+    w = d / "truncated" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100_000])  # a download or copy cut short
     return d
 
 
@@ -68,13 +80,18 @@ CASES = [
     ("keep-last", ["checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1"),
     ("tiny-seq", ["data.max_seq_len=4"], "data.max_seq_len: must be >= 8"),
     ("override-syntax", ["train.max_steps"], "expected key=value"),
-    ("global-batch", ["train.global_batch=10"], "train.global_batch: 10 is not divisible"),
+    ("global-batch", ["train.global_batch=10"],
+     "train.global_batch: 10 is not divisible by train.micro_batch 4 x 1 process = 4"),
     ("backend", ["parallel.backend=mpi"], "parallel.backend: must be one of"),
     ("deepspeed-without-json", ["parallel.backend=deepspeed"], "needs --ds DS_JSON"),
     ("ds-not-json", ["--ds", "{d}/not.json"], "--ds: '{d}/not.json' is not valid JSON"),
     ("ds-missing", ["--ds", "{d}/none.json"], "--ds: no such file"),
     ("ds-contradicts", ["--ds", "{d}/contra.json"],
      "train_micro_batch_size_per_gpu=3 in '{d}/contra.json' contradicts train.micro_batch=4"),
+    ("ds-misspelt-top-key", ["--ds", "{d}/misspelt-top.json"],
+     "--ds: unknown top-level key 'zero_optimisation' in '{d}/misspelt-top.json'"),
+    ("ds-misspelt-section-key", ["--ds", "{d}/misspelt-inner.json"],
+     "--ds: 'zero_optimization.overlap_com' in '{d}/misspelt-inner.json' is not a DeepSpeed key"),
     ("config-missing", ["--config", "{d}/none.yaml"], "--config: no such file"),
     ("config-bad-yaml", ["--config", "{d}/bad.yaml"], "is not valid YAML"),
     ("config-not-mapping", ["--config", "{d}/list.yaml"], "must hold a mapping"),
@@ -83,6 +100,8 @@ CASES = [
     ("teacher-no-config", ["teacher.name_or_path={d}/noconfig"], "has no config.json"),
     ("teacher-not-mlm", ["teacher.name_or_path={d}/gpt2"],
      "is a 'gpt2' model; the teacher must be a masked LM of one of: bert"),
+    ("teacher-truncated", ["teacher.name_or_path={d}/truncated"],
+     "teacher.name_or_path: cannot read the weights in '{d}/truncated'"),
     ("teacher-headless", ["teacher.name_or_path={d}/headless", "teacher.prepare_steps=0"],
      "has no MLM head"),
     ("tokenizer-vocab", ["teacher.name_or_path={d}/smallvocab"],
@@ -93,8 +112,14 @@ CASES = [
     ("student-deeper", ["student.n_layers=6"], "student.n_layers: 6 > the teacher's 4 layers"),
     ("seq-too-long", ["data.max_seq_len=1024"], "data.max_seq_len: 1024 exceeds the teacher's"),
     ("corpus-missing", ["data.source={d}/nothing.jsonl"], "data.source: no such file"),
-    ("corpus-empty", ["data.source={d}/empty.txt"], "no held-out sequence"),
-    ("corpus-blank", ["data.source={d}/blank.txt"], "no held-out sequence"),
+    ("corpus-empty", ["data.source={d}/empty.txt"],
+     "data.source: no text in '{d}/empty.txt' (empty, or only blank lines)"),
+    ("corpus-blank", ["data.source={d}/blank.txt"],
+     "data.source: no text in '{d}/blank.txt' (empty, or only blank lines)"),
+    ("corpus-null-text", ["data.source={d}/nulltext.jsonl"],
+     "data.source: a row of '{d}/nulltext.jsonl' has text=None, not text; fix or drop that row"),
+    ("shards-without-manifest", ["data.source={d}/nomanifest"],
+     "data.source: '{d}/nomanifest' holds shards but no manifest.json"),
     ("corpus-no-files", ["data.source={d}/nodata"], "no .txt/.jsonl/.json/.parquet files"),
     ("corpus-bad-utf8", ["data.source={d}/latin1", "data.encoding_errors=strict"],
      "is not valid UTF-8"),

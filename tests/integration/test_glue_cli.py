@@ -87,3 +87,14 @@ def test_distill_bad_student_spec(tiny, rte_dir):
     assert_user_error(run("--task", "rte", "--teacher", tiny, "--student", "init:magic",
                           "--data-dir", rte_dir, script="distill_task.py"),
                       "unknown init 'init:magic'")
+
+
+def test_a_decoder_is_refused(tmp_path, rte_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    p = run("--task", "rte", "--model", tmp_path / "gpt2", "--data-dir", rte_dir,
+            "--output-dir", tmp_path / "o")
+    assert_user_error(p, f"--model: '{tmp_path / 'gpt2'}' is a 'gpt2' model; GLUE fine-tuning "
+                         "here takes an encoder of one of: bert")

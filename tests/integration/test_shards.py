@@ -198,6 +198,24 @@ def test_bad_input_is_one_line(shard_dir, tmp_path, tok, corpus):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="--out: .* holds other files"):
         _prepare(corpus, tmp_path / "busy")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="--out: .* is a file, not a directory"):
+        _prepare(corpus, tmp_path / "afile")
+
+
+def test_prepare_reads_only_the_tokenizer_and_checks_positions(tmp_path, corpus, tiny_teacher):
+    """--tokenizer needs no weights; --seq-len beyond the model's positions is refused."""
+    tok_only = tmp_path / "tok"
+    tok_only.mkdir()
+    for f in tiny_teacher.iterdir():
+        if "safetensors" not in f.name and not f.name.endswith(".bin"):
+            (tok_only / f.name).symlink_to(f)
+    m = prepare_shards(PrepareConfig(source=str(corpus), tokenizer=str(tok_only), seq_len=32,
+                                     shard_sequences=64), tmp_path / "s", say=lambda s: None)
+    assert m["n_sequences"] > 0
+    with pytest.raises(UserError, match=r"--seq-len: 256 exceeds the 128 positions"):
+        prepare_shards(PrepareConfig(source=str(corpus), tokenizer=str(tok_only), seq_len=256),
+                       tmp_path / "s2", say=lambda s: None)
 
 
 # -- the streaming path -----------------------------------------------------------------------

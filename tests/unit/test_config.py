@@ -48,6 +48,24 @@ def test_override_syntax():
         parse_overrides(["train.max_steps"])
 
 
+def test_empty_values_can_be_set():
+    """`key=` is what a shell leaves of key="": an empty string or list, not null."""
+    base = load_config(None, ["data.cache_dir=/somewhere", "student.layers=0,2"])
+    assert (base.data.cache_dir, base.student.layers) == ("/somewhere", [0, 2])
+    cfg = load_config(None, ["data.cache_dir=", "student.layers=", "data.config_name=''"])
+    assert (cfg.data.cache_dir, cfg.student.layers, cfg.data.config_name) == ("", [], "")
+    assert load_config(None, ["student.layers=[]"]).student.layers == []
+
+
+def test_resume_changes_name_the_key():
+    from distil_scale.config import config_changes, to_dict
+
+    old = to_dict(load_config(None, []))
+    new = to_dict(load_config(None, ["train.lr=0.001", "train.max_steps=999",
+                                     "checkpoint.every_steps=7", "metrics.tensorboard=false"]))
+    assert config_changes(old, new) == ["train.lr: 0.001 now, 0.0005 in the checkpoint"]
+
+
 def test_cli_error_is_one_line_exit_2(tmp_path):
     r = run_launcher("pretrain.py", ["train.max_stepz=3", f"run.output_dir={tmp_path}/r"])
     assert r.returncode == 2
