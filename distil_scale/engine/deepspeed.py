@@ -149,6 +149,10 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
+    def loss_scale(self) -> float:
+        scale = getattr(getattr(self.ds.optimizer, "loss_scaler", None), "cur_scale", None)
+        return 1.0 if scale is None else float(scale)
+
     def save(self, ckpt_dir: Path) -> None:
         """DeepSpeed's own checkpoint: every rank writes its optimizer partition."""
         self.ds.save_checkpoint(str(ckpt_dir), tag=TAG)
