@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fixtures import PYTHON, REPO, run_env
+from fixtures import PYTHON, REPO, md_table, run_env
 
 SCRIPT = str(REPO / "launch" / "gpu_check.py")
 SKIP_LINE = ("gpu_check: skipped: no CUDA device (torch.cuda.is_available() is False); "
@@ -20,19 +20,6 @@ SKIP_LINE = ("gpu_check: skipped: no CUDA device (torch.cuda.is_available() is F
 
 def no_cuda_env() -> dict:
     return run_env(CUDA_VISIBLE_DEVICES="")  # a CPU machine, even where a GPU is present
-
-
-def md_table(text: str, section: str) -> list[dict]:
-    """The first markdown table under ``## section`` as one dict per row."""
-    body = text.split(f"## {section}\n", 1)[1].splitlines()
-    start = next(i for i, ln in enumerate(body) if ln.startswith("|"))
-    lines = []
-    for ln in body[start:]:
-        if not ln.startswith("|"):
-            break
-        lines.append(ln)
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
 
 
 def test_without_cuda_it_skips_with_the_reason_and_writes_nothing():
@@ -88,7 +75,8 @@ def test_cpu_smoke_runs_every_part_and_reports_it(tmp_path):
     # the logs stay beside the report
     assert (tmp_path / "r-logs" / "plain-bf16" / "logs" / "stdout.log").is_file()
     bench = text.split("## Bench\n", 1)[1]
-    assert "launch/bench.py --shapes tiny" in bench and "fast/reference tokens/s:" in bench
+    # the bench's own rows are its tests' business; here: it ran and its table came back
+    assert "launch/bench.py --shapes tiny" in bench and "`: ok, " in bench and "== seq" in bench
 
 
 def test_zero_accumulation_error_on_cpu_bf16():
