@@ -61,11 +61,15 @@ def test_the_bundle_installs_offline_and_the_smoke_check_completes(tmp_path):
     smoke = {**offline, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
              "OMP_NUM_THREADS": "1"}
-    r = check([py, REPO / "launch" / "gpu_check.py", "--cpu-smoke", "--out", report], smoke,
-              900)
+    # the two launchers, the bench and the ZeRO check: what the bundle brings; the other smoke
+    # cases (plain, save-reload-continue) run in test_gpu_check.py
+    r = check([py, REPO / "launch" / "gpu_check.py", "--cpu-smoke", "--cases", "ddp,rtx4070",
+               "--out", report], smoke, 900)
     text = report.read_text()
     assert "verdict: everything ran" in text, r.stdout[-3000:]
     cases = md_table(text, "Backends")
-    assert len(cases) == 4 and all(c["status"].startswith("ok") for c in cases), cases
+    assert [c["case"] for c in cases] == ["DDP x1", "DeepSpeed rtx4070.json"], cases
+    assert all(c["status"] == "ok" for c in cases), cases
+    assert "fp32-exact" in text  # the ZeRO check's bf16 rows
     bench = text.split("## Bench\n", 1)[1]
     assert "`: ok, " in bench and "== seq" in bench, bench
