@@ -89,10 +89,24 @@ def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
     return global_batch // (micro_batch * world)
 
 
+# caps this process's CUDA allocator at N GiB: a big GPU then shows whether a small card's plan
+# fits (launch/gpu_check.py runs the RTX 4070 profile under a 12 GiB cap)
+MEMORY_CAP_ENV = "DISTIL_CUDA_MEMORY_GIB"
+
+
 def device_for(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        cap = os.environ.get(MEMORY_CAP_ENV, "")
+        if cap:
+            try:
+                gib = float(cap)
+            except ValueError:
+                raise ConfigError(f"{MEMORY_CAP_ENV}: '{cap}' is not a number of GiB; "
+                                  "set it to e.g. 12 or unset it") from None
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total), device)
         return device
     return torch.device("cpu")
 

@@ -439,3 +439,16 @@ def kill_all_of(out) -> None:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def md_table(text: str, section: str) -> list[dict]:
+    """The first markdown table under ``## section`` as one dict per row."""
+    body = text.split(f"## {section}\n", 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(body) if ln.startswith("|"))
+    lines = []
+    for ln in body[start:]:
+        if not ln.startswith("|"):
+            break
+        lines.append(ln)
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]

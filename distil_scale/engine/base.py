@@ -141,6 +141,10 @@ class Engine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def loss_scale(self) -> float:
+        """The fp16 loss scale now (1.0 where there is none)."""
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
     def state_dict(self) -> dict:
         return {"model": self.raw_module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}

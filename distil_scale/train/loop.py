@@ -148,6 +148,11 @@ def log_window(run: Run, w: Window, out: StepOutcome, bar) -> None:
         "perf/mfu": tps * run.flops_per_token / (run.peak_flops * rt.world),
         "perf/data_wait_pct": 100.0 * w.wait / w.seconds,
         "mem/peak_gib": peak_memory_gib(rt.device)})
+    if rt.device.type == "cuda":
+        # what the caching allocator holds: the figure a memory cap or an OOM is about
+        vals["mem/reserved_gib"] = torch.cuda.max_memory_reserved(rt.device) / 2**30
+    if rt.precision == "fp16":
+        vals["optim/loss_scale"] = run.engine.loss_scale()
     step = run.state.step
     run.metrics.log(step, vals)
     if rt.is_main:
