@@ -822,13 +822,13 @@ def write_json(path: str, outs: list[dict], args, device: torch.device) -> None:
 
 # -- the data loader alone (--data) -----------------------------------------------------------
 # Tokens/s one H100 consumes at the paper's shapes: BERT-base teacher forward + 6-layer student
-# forward/backward at seq 512, vocabulary projections at the 15 % masked positions (the fast
-# path) = metrics.distill_flops_per_token(BertConfig(), DistilBertConfig(n_layers=6), 512, 0.15)
+# forward/backward at seq 512, vocabulary projections at the 15 % masked positions (the
+# masked-only objective, the cheapest step) = metrics.distill_flops_per_token(BertConfig(), DistilBertConfig(n_layers=6), 512, 0.15)
 # = 2·(85.0M weights + 9.4M attention) + 0.15·48.1M head for the teacher, 3x the same for the
 # student's 6 layers: ~0.50 GFLOP per token; at 45 % MFU of the H100's bf16 dense peak
 # (989 TFLOP/s, SXM datasheet) that is 0.45 · 989e12 / 0.50e9 ~ 0.9M tokens/s per GPU.
-# (tests/integration/test_bench.py recomputes it.) With logits at every position (~0.66 GFLOP/token) the
-# demand is lower, so this is the figure a loader has to meet.
+# (tests/integration/test_bench.py recomputes it.) The default objective's logits at every
+# position (~0.66 GFLOP/token) lower the demand, so this is the figure a loader has to meet.
 H100_DEMAND_TOKENS_S = 900_000
 DATA_MICRO = 16
 DATA_SEQ = 512
@@ -1196,6 +1196,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_seqs(text: str) -> list[int]:
+    """``--seq 128,512``: sequence lengths of at least 16 (a row holds [CLS], [SEP] and text)."""
+    try:
+        seqs = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seq: '{text}' is not a comma-separated list of whole numbers; "
+                        "e.g. --seq 128,512") from None
+    if any(x < 16 for x in seqs):
+        raise UserError(f"--seq: {text}; every sequence length must be 16 or more")
+    return seqs
+
+
 @main_guard
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -1222,7 +1234,7 @@ def main(argv=None) -> int:
         return data_bench(args, tokenizer, say)
     if args.inference:
         return inference_bench(args, tokenizer, say)
-    seqs = [int(s) for s in args.seq.split(",")] if args.seq else SHAPES[args.shapes]["seqs"]
+    seqs = parse_seqs(args.seq) if args.seq else SHAPES[args.shapes]["seqs"]
     device = torch.device(args.device)
     say(f"distil-scale bench: shapes {args.shapes}, device {device} "
         f"({torch.get_num_threads()} threads), torch {torch.__version__}")
