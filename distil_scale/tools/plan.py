@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)  # flags may sit between the overrides
     if args.gpus < 1 or args.nodes < 1:
         raise ConfigError("--gpus and --nodes must be >= 1")
+    if not args.gpu_mem_gib > 0:
+        raise ConfigError(f"--gpu-mem-gib: {args.gpu_mem_gib:g}; give one GPU's memory in GiB, "
+                          "e.g. --gpu-mem-gib 12")
     config = args.config or PAPER
     cfg = load_config(config, args.overrides)
     ds = load_ds_config(args.ds, cfg, args.gpus * args.nodes)

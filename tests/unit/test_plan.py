@@ -157,3 +157,11 @@ def test_contradicting_batch_is_a_one_line_error(tmp_path):
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "contradicts train.micro_batch=16" in errors[0], r.stderr
+
+
+@pytest.mark.parametrize("gib", ["0", "-4"])
+def test_non_positive_gpu_memory_is_one_line(gib):
+    from distil_scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--gpu-mem-gib: .* e\.g\. --gpu-mem-gib 12$"):
+        main(["--ds", RTX, "--gpu-mem-gib", gib])
