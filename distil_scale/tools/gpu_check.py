@@ -90,7 +90,7 @@ SMOKE = Shapes("tiny teacher (random, 2 x 64, real vocabulary) -> 2-layer studen
                     intermediate_size=256, max_position_embeddings=128), 2, "0,1", 64, 4, 2, 8,
                ("plain:bf16", "ddp:bf16", "rtx4070:bf16", "resume:bf16", "zero", "bench"),
                ("--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                "--memory", "none", "--no-profile"))
+                "--memory", "none", "--no-profile", "--loss-rows", "512"))
 DEFAULT_BUDGET_S = 400.0  # with start-up and the CPU-op build: 7 minutes on an H100/H200
 # the smoke run tests the orchestration, not the time: a loaded 2-core CI machine needs minutes
 SMOKE_BUDGET_S = 1200.0
