@@ -109,18 +109,21 @@ def reconcile(ds: dict, path: str, *, micro: int, glob: int, world: int, max_gra
         sect = ds.get(half)
         if isinstance(sect, dict) and sect.get("enabled") == "auto":
             sect["enabled"] = precision == half
+    return ds
+
+
+def refuse_unimplemented(ds: dict) -> None:
+    """What DeepSpeed accepts in a JSON but cannot run, as one line before it starts: its
+    stage-0 bf16 path has no fp32 gradient accumulation (a NotImplementedError deep inside
+    ``deepspeed.initialize``). Checked where DeepSpeed runs, not in every reader of a JSON (the
+    planner plans the torch engines with a stage-0 one)."""
     stage = int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
-    bf16_on = (ds.get("bf16") or {}).get("enabled") is True or (
-        precision == "bf16" and not (ds.get("fp16") or {}).get("enabled"))
+    bf16_on = (ds.get("bf16") or {}).get("enabled") is True
     accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
     if stage == 0 and bf16_on and accum == "fp32":
-        # DeepSpeed's stage-0 bf16 path has no fp32 accumulation (a NotImplementedError deep
-        # in its engine at start-up)
-        raise ConfigError(f"--ds: '{path}' runs ZeRO stage 0 in bf16 with "
-                          "data_types.grad_accum_dtype fp32, which DeepSpeed does not "
-                          "implement; use zero_optimization.stage 1 or 2, or remove "
-                          "data_types.grad_accum_dtype")
-    return ds
+        raise ConfigError("--ds: ZeRO stage 0 in bf16 with data_types.grad_accum_dtype fp32, "
+                          "which DeepSpeed does not implement; use zero_optimization.stage 1 "
+                          "or 2, or remove data_types.grad_accum_dtype")
 
 
 def _reconcile(section: dict, key: str, value, source: str, path: str, label: str) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..distributed import ensure_process_group
+from ..ds_config import refuse_unimplemented
 from ..runtime import amp_dtype
 from .base import Engine, StepResult, param_groups
 
@@ -90,6 +91,7 @@ class DeepSpeedEngine(Engine):
         ds.setdefault("optimizer", {"type": "AdamW", "params": {
             "lr": lr, "eps": adam_eps, "weight_decay": weight_decay}})
         ds.setdefault("steps_per_print", 1 << 30)  # the trainer logs; DeepSpeed stays quiet
+        refuse_unimplemented(ds)
         self.ds_config = ds
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -35,16 +35,18 @@ from .step import distill_step
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 
 
-def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a directory holding another run before anything is loaded or written."""
+def check_output_dir(out: Path, resume: bool, overwrite: bool, say=print) -> None:
+    """Refuse a directory holding another run before anything is loaded or written.
+
+    ``--resume`` where no run is yet starts one and says so: that is a requeued job's first
+    attempt (the same command every time), and the line shows a mistyped directory at once."""
     holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
     if holds_run and not (resume or overwrite):
         raise UserError(f"run.output_dir: '{out}' holds another run; pass --resume to continue "
                         "it, --overwrite to replace it, or choose another run.output_dir")
     if resume and not holds_run:
-        raise UserError(f"--resume: '{out}' holds no run to continue (no "
-                        f"{', '.join(RUN_MARKERS)}); check run.output_dir, or drop --resume to "
-                        "start a new run there")
+        say(f"--resume: '{out}' holds no run yet (no {', '.join(RUN_MARKERS)}): starting a new "
+            "one there; if you meant to continue another run, stop and check run.output_dir")
 
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
@@ -164,7 +166,7 @@ def build(cfg: Config, *, resume: bool, overwrite: bool, ds_config: dict | None)
                          ds_config=ds_config)
     distributed.init_control_group()
     out = Path(cfg.run.output_dir)
-    check_output_dir(out, resume, overwrite)
+    check_output_dir(out, resume, overwrite, rt.say)
     lock = claim_output_dir(out, "run.output_dir")
     try:
         return _build(cfg, rt, out, lock, resume=resume, overwrite=overwrite,
@@ -255,7 +257,8 @@ def start(run: Run) -> None:
     say(f"teacher: {run.teacher_info['path']} ({n_t / 1e6:.1f}M params, frozen, "
         f"{rt.teacher_dtype})")
     say(f"batch: global {t.global_batch} = micro {t.micro_batch} x accumulation {rt.accum} x "
-        f"{plural(rt.world, 'process', 'processes')}, seq {cfg.data.max_seq_len}; {t.max_steps} steps; eval on "
+        f"{plural(rt.world, 'process', 'processes')}, seq {cfg.data.max_seq_len}; "
+        f"{t.max_steps} steps; eval on "
         f"{sum(len(b.input_ids) for b in run.eval_batches)} held-out sequences")
     say(f"objective: {w.alpha_ce:g} x KL(T={w.temperature:g}) over "
         f"{'every token' if run.kl_all else 'masked tokens'} + {w.alpha_mlm:g} x MLM + "

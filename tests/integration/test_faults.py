@@ -144,15 +144,22 @@ def test_an_allowed_change_takes_effect(monkeypatch, capsys, run):
     assert "9" in card and not (out / "student.tmp").exists()
 
 
-def test_resume_into_a_directory_without_a_run_refuses(monkeypatch, capsys, tmp_path,
-                                                       tiny_teacher, corpus):
-    args = tiny_overrides(tiny_teacher, corpus, tmp_path / "typo")
-    rc, lines, err = _cli(monkeypatch, capsys, args + ["--resume"])
-    assert rc == 2 and "Traceback" not in err
-    assert lines == [f"error: --resume: '{tmp_path / 'typo'}' holds no run to continue (no "
-                     "config.yaml, metrics.jsonl, checkpoints); check run.output_dir, or drop "
-                     "--resume to start a new run there"]
-    assert not (tmp_path / "typo").exists()
+def test_resume_into_a_directory_without_a_run_starts_one_and_says_so(monkeypatch, capsys,
+                                                                      tmp_path, tiny_teacher,
+                                                                      corpus):
+    """A requeued job's first attempt runs the same --resume command; the line it prints
+    shows a mistyped directory at once."""
+    out = tmp_path / "typo"
+    args = tiny_overrides(tiny_teacher, corpus, out, **{"train.max_steps": 2})
+    monkeypatch.setattr(sys, "argv", ["launch/pretrain.py", *args, "--resume"])
+    with pytest.raises(SystemExit) as e:
+        pretrain_cli.main()
+    printed = capsys.readouterr()
+    assert e.value.code == 0 and "Traceback" not in printed.err
+    assert f"--resume: '{out}' holds no run yet" in printed.out
+    assert "starting a new one there" in printed.out
+    assert (out / "student" / "model.safetensors").is_file()
+    assert max(r.get("step", 0) for r in read_metrics(out)) == 2
 
 
 def test_a_second_run_into_a_live_directory_exits_2_at_once(monkeypatch, capsys, run):

@@ -69,7 +69,8 @@ def test_one_process_with_accumulation_equals_two_ranks(setup):
         out = d / f"run{i}"
         log = run(launch_cmd(launcher, n, [*extra, *args(out, teacher, corpus)]))
         accum = 2 // n
-        assert f"micro 2 x accumulation {accum} x {n} processes" in log, log[-2000:]
+        procs = "1 process" if n == 1 else f"{n} processes"
+        assert f"micro 2 x accumulation {accum} x {procs}" in log, log[-2000:]
         metrics[label] = metrics_by_step(out)
 
     ref_label = "1 process, accumulation 2"

@@ -48,8 +48,9 @@ def test_finetune_under_torchrun_two_ranks(tmp_path, backend):
     assert abs(r["metrics"]["accuracy"] * 13 - round(r["metrics"]["accuracy"] * 13)) < 1e-6
     # rank 0 alone logs the epoch lines and writes
     assert stdout.count("epoch 2/2") == 1
-    assert sorted(x.name for x in out.iterdir()) == ["config.yaml", "metrics.jsonl", "model",
-                                                     "results.json", "tb"]
+    assert sorted(x.name for x in out.iterdir()) == ["config.yaml", "glue_run.json",
+                                                     "metrics.jsonl", "model", "results.json",
+                                                     "tb"]
     assert r["backend"] == {"auto": "ddp"}.get(backend, backend)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss/task" in x] == [10]
