@@ -180,27 +180,21 @@ def _kl_grad_fused(z, zt, scale, dtype):
     return (pt * (lt - ls)).sum(), g, g.sum(0, dtype=torch.float32)
 
 
+# torch.compile(_kl_grad_fused), made on first use (one graph per process: dynamic shapes serve
+# every chunk and vocabulary size); None once it failed to build here
 _COMPILED: dict = {}
-
-
-def kl_grad_fn(compiled: bool):
-    """The chunk function: compiled once per process (dynamic shapes: one graph serves every
-    chunk and vocabulary size), or the eager one."""
-    if not compiled or _COMPILED.get("failed"):
-        return _kl_grad_eager
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_kl_grad_fused, dynamic=True)
-    return _COMPILED["fn"]
 
 
 def _kl_grad(compiled: bool, *args):
     """The compiled chunk function where it compiles; a platform where inductor cannot build
     (no C++ compiler, an unsupported GPU) warns once and runs the eager chain from then on."""
-    if compiled and not _COMPILED.get("failed"):
+    if compiled and _COMPILED.get("fn", True) is not None:
         try:
-            return kl_grad_fn(True)(*args)
+            if "fn" not in _COMPILED:
+                _COMPILED["fn"] = torch.compile(_kl_grad_fused, dynamic=True)
+            return _COMPILED["fn"](*args)
         except Exception as e:  # inductor's failures have no common type
-            _COMPILED["failed"] = True
+            _COMPILED["fn"] = None
             warnings.warn(f"loss.fused_compile: torch.compile failed "
                           f"({first_line(e)}); the fused loss runs eager", stacklevel=2)
     return _kl_grad_eager(*args)
