@@ -170,11 +170,16 @@ class TrainConfig:
     eval_every: int = 50
     # consecutive non-finite steps tolerated before the run stops
     max_nonfinite_steps: int = 5
+    # stop cleanly (checkpoint, exit 0) after this many minutes of wall time; 0 = no limit.
+    # Set it under a batch system's time limit, leaving room for one checkpoint write
+    max_wall_minutes: float = 0.0
 
 
 @dataclass
 class ParallelConfig:
     backend: Literal["plain", "ddp", "fsdp", "deepspeed"] = "plain"
+    # how long a collective waits for the slowest rank before the job fails
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -230,6 +235,8 @@ class Config:
                   "max_nonfinite_steps"):
             _check(getattr(self.train, k) > 0, f"train.{k}", "must be > 0")
         _check(self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.train.max_wall_minutes >= 0, "train.max_wall_minutes", "must be >= 0 (0 = off)")
+        _check(self.parallel.timeout_minutes > 0, "parallel.timeout_minutes", "must be > 0")
         _check(self.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
         _check(self.data.max_seq_len >= 8, "data.max_seq_len", "must be >= 8")
         _check(self.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = off)")
@@ -403,7 +410,8 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
 # checkpoints, and where it reads or caches; nothing that changes the model, the data order or
 # the optimisation it continues.
 RESUMABLE = ("train.max_steps", "train.log_every", "train.eval_every",
-             "train.max_nonfinite_steps", "checkpoint.", "metrics.", "data.prefetch",
+             "train.max_nonfinite_steps", "train.max_wall_minutes", "parallel.timeout_minutes",
+             "checkpoint.", "metrics.", "data.prefetch",
              "data.tokenize_workers", "data.max_retries", "data.cache_dir", "run.output_dir")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import distributed
 from .config import ConfigError
 from .errors import plural
 
@@ -111,7 +112,9 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str) -> tuple[int, int, int, bool]:
+def init_distributed(backend: str, device: torch.device,
+                     timeout_min: float = distributed.DEFAULT_TIMEOUT_MIN
+                     ) -> tuple[int, int, int, bool]:
     """Join the launcher's process group when there is one (WORLD_SIZE > 1);
     returns (rank, world, local_rank, created)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -120,13 +123,8 @@ def init_distributed(backend: str) -> tuple[int, int, int, bool]:
         if backend == "plain":
             raise ConfigError("parallel.backend: 'plain' runs one process but WORLD_SIZE="
                               f"{world}; use parallel.backend=ddp, fsdp or deepspeed")
-        comm = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "deepspeed":
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend=comm)
-        else:
-            dist.init_process_group(comm)
+        distributed.init_process_group(device, deepspeed=backend == "deepspeed",
+                                       timeout_min=timeout_min)
         created = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, int(os.environ.get("LOCAL_RANK", "0")), created
@@ -169,14 +167,15 @@ class Runtime:
 
 def resolve(*, backend: str, precision: str, attn: str = "auto", teacher_dtype: str = "auto",
             global_batch: int | None = None, micro_batch: int | None = None,
-            ds_config: dict | None = None) -> Runtime:
+            ds_config: dict | None = None,
+            timeout_min: float = distributed.DEFAULT_TIMEOUT_MIN) -> Runtime:
     """Join the process group, pick the device and resolve every derived setting once.
 
     The engine class has the last word on precision (DeepSpeed takes its JSON's bf16/fp16)."""
     from .engine import engine_class
 
-    rank, world, local_rank, created = init_distributed(backend)
-    device = device_for(local_rank)
+    device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world, local_rank, created = init_distributed(backend, device, timeout_min)
     prec = engine_class(backend).resolve_precision(precision, device, ds_config)
     accum = 1 if global_batch is None else accumulation(global_batch, micro_batch, world)
     return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, precision=prec,

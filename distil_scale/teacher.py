@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from . import families
 from .errors import UserError
 from .data.loader import open_pretrain_stream
 from .data.masking import make_eval_masker, make_masker
-from .distributed import barrier
+from .distributed import barrier, unshared
 from .evaluate import fixed_eval_batches, mlm_eval
 from .families import load_mlm
 from .fsio import replace_dir
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    import os
-
     return Path(os.environ.get("DISTIL_SCALE_CACHE", Path.home() / ".cache" / "distil_scale"))
 
 
@@ -63,7 +62,7 @@ def load_teacher(cfg, tokenizer, rt, eval_ids: torch.Tensor, token_counts):
                             "missing), and distilling from a random head teaches noise; set "
                             "teacher.prepare_steps > 0 to fit one, or use a masked-LM checkpoint")
         pdir = Path(tc.prepared_dir) if tc.prepared_dir else \
-            default_cache_dir() / "teachers" / prepared_key(cfg, path)
+            shared_cache(cfg, rt) / prepared_key(cfg, path)
         if not (pdir / "PREPARED.json").is_file() and rt.is_main:
             rt.say(f"teacher: '{path}' has no MLM head; preparing it for {tc.prepare_steps} "
                    f"steps (head + top {min(tc.prepare_unfreeze_layers, model.config.num_hidden_layers)} "
@@ -78,6 +77,23 @@ def load_teacher(cfg, tokenizer, rt, eval_ids: torch.Tensor, token_counts):
         rt.say(f"teacher: prepared MLM head from {pdir} (held-out masked-token accuracy "
                f"{meta['acc_before']:.1%} -> {meta['acc_after']:.1%} after {meta['steps']} steps)")
     return freeze(model), info
+
+
+def shared_cache(cfg, rt) -> Path:
+    """Where a prepared teacher is kept: the per-user cache when every rank sees the same one
+    (one node, or a shared home), else the run's own directory, which every rank was shown to
+    share at start-up: each node's own ~/.cache would hold a head only node 0 prepared."""
+    cache = default_cache_dir() / "teachers"
+    if rt.world == 1:
+        return cache
+    missing = unshared(cache)
+    if not missing:
+        return cache
+    here = Path(cfg.run.output_dir) / "prepared-teacher"
+    rt.say(f"teacher: {cache} is not shared by every node ({missing[0]} does not see it); the "
+           f"prepared teacher goes to {here} (set teacher.prepared_dir, or "
+           "DISTIL_SCALE_CACHE, to a shared path to reuse it across runs)")
+    return here
 
 
 def check_prepared(meta: dict, pdir: Path, path: str, key: str) -> None:

@@ -4,6 +4,7 @@ source -> pack -> mask -> engine.module (student) + frozen teacher -> triple los
 """
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import sys
@@ -32,7 +33,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     t_start = time.time()
     run = build(cfg, resume=resume, overwrite=overwrite, ds_config=ds_config)
     try:
-        return _train(run, t_start, resume, resume_command)
+        return _train(run, t_start, run.resuming, resume_command)
     finally:
         if run.lock:
             run.lock.release()
@@ -54,10 +55,14 @@ def _train(run: Run, t_start: float, resume: bool, resume_command: str) -> dict:
     state.start_generators(cfg.run.seed, run.rt.rank)  # nothing draws from here to step one
     try:
         with Preemption() as pre:
+            stop = Stop(pre, t_start, t.max_wall_minutes)
             while state.step < t.max_steps:
                 step_start, t0 = run.loader.mark(), time.perf_counter()
-                out = train_step(run.engine, lambda: next_batch(run, step_start, again),
-                                 run.rt.accum, run.micro_loss)
+                state.mark_step_start()
+                out = train_step(run.engine, lambda: next_batch(run, stop), run.rt.accum,
+                                 run.micro_loss, agree=stop)
+                if out is None:  # every rank stopped at the same micro-batch
+                    return stop_early(run, stop, step_start, again)
                 if state.count_step(out, t.global_batch) >= t.max_nonfinite_steps:
                     good = run.ckpts.complete()
                     raise TrainingError(
@@ -74,12 +79,6 @@ def _train(run: Run, t_start: float, resume: bool, resume_command: str) -> dict:
                     last_eval = run.evaluate(step)
                 if step % cfg.checkpoint.every_steps == 0 or last:
                     run.save_checkpoint()
-                if distributed.any_rank(pre.flag) and not last:
-                    if step % cfg.checkpoint.every_steps:
-                        run.save_checkpoint()
-                    run.rt.say(f"preempted: checkpoint saved at step {step}; resume with "
-                               f"{again}")
-                    return {"preempted": True, "step": step}
     finally:
         bar.close()
         run.loader.close()
@@ -87,19 +86,57 @@ def _train(run: Run, t_start: float, resume: bool, resume_command: str) -> dict:
                   time.time() - t_start)
 
 
-def next_batch(run: Run, step_start: int, again: str):
-    """The next micro-batch. Every rank learns of a dead stream before the next collective,
-    and all of them checkpoint the start of this step (its micro-batches are read again)."""
-    failure = ""
+class Stop:
+    """Why a run stops before train.max_steps: this rank's dead stream, a signal (SIGTERM,
+    SIGUSR1, SIGINT), train.max_wall_minutes. Agreed at every micro-batch (``train_step``
+    posts before the forward, reads after the backward), so a preemption saves within one
+    micro-batch even with a long accumulation, and a dead stream on one rank never leaves the
+    others waiting in a collective."""
+
+    def __init__(self, pre: "Preemption", t_start: float, max_wall_minutes: float):
+        self.pre = pre
+        self.failure = ""
+        self.deadline = t_start + 60 * max_wall_minutes if max_wall_minutes else math.inf
+        self.max_wall_minutes = max_wall_minutes
+        self.agreed = [0, 0, 0]  # (a dead stream, a signal, the wall clock) on any rank
+        self._agreement = distributed.Agreement()
+
+    def post(self) -> None:
+        self._agreement.post([int(bool(self.failure)), int(self.pre.flag),
+                              int(time.time() > self.deadline)])
+
+    def stopped(self) -> bool:
+        self.agreed = self._agreement.result()
+        return any(self.agreed)
+
+
+def next_batch(run: Run, stop: Stop):
+    """The next micro-batch. A dead stream is flagged for the agreement and a held-out batch
+    stands in, so this rank still runs the micro-batch's collectives; the step is then
+    abandoned by every rank."""
     try:
-        mb = next(run.loader)
+        return next(run.loader)
     except StreamError as e:
-        failure = str(e)
-    if distributed.any_rank(bool(failure)):
+        stop.failure = str(e)
+        return run.eval_batches[0]
+
+
+def stop_early(run: Run, stop: Stop, step_start: int, again: str) -> dict:
+    """Checkpoint the start of the abandoned step (its micro-batches are read again on
+    resume), unless the checkpoint of that point was just written."""
+    step = run.state.step
+    if run.saved_at != step:
         run.save_checkpoint(data_at=step_start)
-        raise TrainingError(f"{failure or 'the data source failed on another rank'}; checkpoint "
-                            f"saved at step {run.state.step}, resume with {again}")
-    return mb
+    dead, signalled, _ = stop.agreed
+    if dead:
+        raise TrainingError(f"{stop.failure or 'the data source failed on another rank'}; "
+                            f"checkpoint saved at step {step}, resume with {again}")
+    why = ("preempted" if signalled else
+           f"train.max_wall_minutes={stop.max_wall_minutes:g} reached")
+    run.rt.say(f"{why}: checkpoint saved at step {step}; resume with {again}")
+    if run.rt.world > 1:  # each rank says it stopped cleanly: a rank that does not is the one to look at
+        print(f"{distributed.who()}: stopped at step {step}, exit 0", flush=True)
+    return {"preempted": True, "step": step}
 
 
 class Window:
@@ -140,11 +177,13 @@ def log_window(run: Run, w: Window, out: StepOutcome, bar) -> None:
         if alpha is not None:
             vals[f"{k}_weighted"] = vals[k] * alpha
     step_s = w.seconds / w.steps
+    fastest, slowest = distributed.min_max(step_s)  # a straggler shows as a wide gap
     tps = cfg.train.global_batch * cfg.data.max_seq_len / step_s
     vals.update({
         "optim/lr": run.engine.lr(), "optim/grad_norm": float(out.result.grad_norm),
         "optim/skipped_steps": c["skipped_total"], "data/sequences": c["sequences"],
         "data/epoch": run.loader.epoch, "perf/step_s": step_s, "perf/tokens_per_s": tps,
+        "perf/step_s_min_rank": fastest, "perf/step_s_max_rank": slowest,
         "perf/mfu": tps * run.flops_per_token / (run.peak_flops * rt.world),
         "perf/data_wait_pct": 100.0 * w.wait / w.seconds,
         "mem/peak_gib": peak_memory_gib(rt.device)})
@@ -173,14 +212,15 @@ def progress_bar(run: Run, start_step: int):
 
 
 class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop finishes the current step and checkpoints."""
+    """SIGTERM, SIGUSR1 (SLURM's ``--signal``) and SIGINT set a flag; the loop checkpoints the
+    start of the current step and exits 0."""
 
     def __init__(self):
         self.flag = False
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,8 @@ class Run:
     ckpts: CheckpointManager
     eval_batches: list
     lock: RunLock | None = None
+    resuming: bool = False  # this attempt continues a run (--resume, or an auto-restart)
+    saved_at: int = -1      # the step of the newest checkpoint this run holds
     weights: LossWeights = field(init=False)
     metrics: MetricsLogger | None = None
     teacher_eval: tuple[float, float] = (float("nan"), float("nan"))
@@ -134,9 +137,11 @@ class Run:
             self.engine.save(d)
             save_torch(state, d / f"trainer_rank{self.rt.rank}.pt")
 
-        return self.ckpts.save(self.state.step, write,
+        path = self.ckpts.save(self.state.step, write,
                                {"world_size": self.rt.world, "backend": self.engine.name,
                                 "config": resolved_config(self.cfg, self.rt)})
+        self.saved_at = self.state.step
+        return path
 
     def resume(self) -> None:
         check = resume_check(self.cfg, self.rt)
@@ -154,6 +159,7 @@ class Run:
                         "stopped before its first); starting from step 0")
             return
         d, _ = found
+        self.saved_at = self.state.step
         self.rt.say(f"resume: {d} (step {self.state.step})")
         if self.rt.is_main:
             truncate_metrics(self.out / "metrics.jsonl", self.state.step)
@@ -163,18 +169,53 @@ def build(cfg: Config, *, resume: bool, overwrite: bool, ds_config: dict | None)
     rt = runtime.resolve(backend=cfg.parallel.backend, precision=cfg.train.precision,
                          attn=cfg.train.attn_implementation, teacher_dtype=cfg.teacher.dtype,
                          global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-                         ds_config=ds_config)
+                         ds_config=ds_config, timeout_min=cfg.parallel.timeout_minutes)
     distributed.init_control_group()
+    if rt.world > 1:  # every rank: which node and device each one has is the first thing to check
+        print(f"{distributed.who()}: local rank {rt.local_rank}, {rt.world} processes, device "
+              f"{rt.device}", flush=True)
+    resume, overwrite = restart_policy(resume, overwrite, rt.say)
     out = Path(cfg.run.output_dir)
     check_output_dir(out, resume, overwrite, rt.say)
     lock = claim_output_dir(out, "run.output_dir")
     try:
-        return _build(cfg, rt, out, lock, resume=resume, overwrite=overwrite,
-                      ds_config=ds_config)
+        check_shared(out, "run.output_dir")
+        run = _build(cfg, rt, out, lock, resume=resume, overwrite=overwrite,
+                     ds_config=ds_config)
     except BaseException:
         if lock:
             lock.release()
         raise
+    run.resuming = resume
+    return run
+
+
+RESTART_ENVS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+
+
+def restart_policy(resume: bool, overwrite: bool, say=print) -> tuple[bool, bool]:
+    """(resume, overwrite) for this attempt. An auto-restart (torchrun --max-restarts, a SLURM
+    requeue) reruns the first attempt's command: its --overwrite must not delete the
+    checkpoints that attempt wrote, so a restart continues them instead."""
+    for var in RESTART_ENVS:
+        n = int(os.environ.get(var, "0") or 0)
+        if n and overwrite and not resume:
+            say(f"--overwrite: this is restart {n} of the job ({var}={n}); continuing the run "
+                "its first attempt started (as --resume) instead of deleting its checkpoints")
+            return True, False
+    return resume, overwrite
+
+
+def check_shared(path: Path, flag: str) -> None:
+    """Every rank must see rank 0's directory: on node-local disks the saves would seem to
+    succeed and a resume would find each node's own half. One line on every rank, before
+    any data is read."""
+    missing = distributed.unshared(path)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{flag}: '{path}' is not one directory shared by every node: "
+                        f"{missing[0]}{more} does not see rank 0's files there; put {flag} "
+                        "on a filesystem every node mounts (NFS, Lustre, GPFS...)")
 
 
 def _build(cfg: Config, rt: runtime.Runtime, out: Path, lock: RunLock | None, *, resume: bool,

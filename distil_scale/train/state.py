@@ -47,12 +47,19 @@ class TrainState:
         self.counters = {"skipped_total": 0, "nonfinite_run": 0, "sequences": 0,
                          "acc_start": None}
         self._rng_at_start: dict | None = None
+        self._rng_at_step: dict | None = None
+
+    def mark_step_start(self) -> None:
+        """Keep the generators' state at the start of a step (a few KB, host only): a step
+        abandoned half-way is checkpointed as not begun, dropout draws included."""
+        self._rng_at_step = rng_state()
 
     def state_dict(self, data_at: int | None = None) -> dict:
         """``data_at``: a loader mark, to save the position of the start of an unfinished
-        step (its micro-batches are read again on resume)."""
+        step (its micro-batches, and their dropout draws, are repeated on resume)."""
+        rng = self._rng_at_step if data_at is not None and self._rng_at_step else rng_state()
         return {"step": self.step, "data": self.loader.state_dict(at=data_at),
-                "masker": self.masker.state_dict(), "rng": rng_state(),
+                "masker": self.masker.state_dict(), "rng": rng,
                 "counters": dict(self.counters)}
 
     def load_state_dict(self, st: dict) -> None:

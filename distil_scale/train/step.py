@@ -61,9 +61,12 @@ class StepOutcome:
 
 
 def train_step(engine, next_batch: Callable[[], object], accum: int,
-               micro_loss: Callable[[object, object], tuple]) -> StepOutcome:
+               micro_loss: Callable[[object, object], tuple], agree=None) -> StepOutcome | None:
     """``accum`` micro-batches of forward and backward, then the engine's update.
 
+    ``agree`` (the pretraining loop's ``Stop``): ``post()`` after each batch is fetched,
+    ``stopped()`` after its backward; when that says stop, the step is abandoned before the
+    update and None returned (every rank gets the same answer at the same micro-batch).
     ``micro_loss(module, batch) -> (loss, raw terms)``. The gradient is synchronised on the last
     micro-batch only (the engine's ``accumulate``); nothing here reads a value back from the
     device, so a GPU never waits on the host inside a step.
@@ -75,10 +78,14 @@ def train_step(engine, next_batch: Callable[[], object], accum: int,
         t0 = time.perf_counter()
         batch = next_batch()
         wait += time.perf_counter() - t0
+        if agree is not None:
+            agree.post()
         with engine.accumulate(last=i == accum - 1):
             with engine.autocast():
                 loss, raw = micro_loss(engine.module, batch)
             engine.backward(loss)
+        if agree is not None and agree.stopped():
+            return None
         for k, v in raw.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / accum
         total = total + loss.detach() / accum
