@@ -105,8 +105,9 @@ def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
         return {}
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
     if step in _NOT_A_TASK:
-        raise UserError(f"{ntasks_key}={ntasks} but this process is not an srun task (SLURM_"
-                        f"STEP_ID '{step}'), so the other {ntasks - 1} would never join; {fix}")
+        seen = f"SLURM_STEP_ID {step}" if step else "no SLURM_STEP_ID"
+        raise UserError(f"{ntasks_key}={ntasks} but this process is not an srun task ({seen}),"
+                        f" so the other {ntasks - 1} would never join; {fix}")
     out = {"RANK": str(_env_int(env, "SLURM_PROCID", fix)), "WORLD_SIZE": str(ntasks),
            "LOCAL_RANK": str(_env_int(env, "SLURM_LOCALID", fix))}
     if "MASTER_ADDR" not in env:
