@@ -200,3 +200,23 @@ def test_unsupported_accelerate_settings_are_one_line(env, names):
 
 def test_not_accelerate_is_none():
     assert accelerate_settings({"WORLD_SIZE": "2", "RANK": "0"}) is None
+
+
+# -- the shipped launch files -------------------------------------------------------------------
+def test_shipped_hostfile_and_accelerate_configs_read_by_their_own_tools():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    from fixtures import REPO
+
+    assert dict(fetch_hostfile(str(REPO / "launch" / "hostfile.example"))) == {"node1": 8,
+                                                                              "node2": 8}
+    kinds = {}
+    for name in ("ddp", "fsdp", "deepspeed"):
+        cfg = load_config_from_file(str(REPO / "launch" / "accelerate" / f"{name}.yaml"))
+        kinds[name] = cfg.distributed_type.value
+        if name == "deepspeed":
+            assert (REPO / cfg.deepspeed_config["deepspeed_config_file"]).is_file()
+        if name == "fsdp":
+            assert cfg.fsdp_config["fsdp_version"] == 2
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}
