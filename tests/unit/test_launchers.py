@@ -1,5 +1,5 @@
 """distil_scale.launchers: SLURM's and accelerate's environment mapped onto the trainer's, on
-environments written here (the real launchers run in tests/multiprocess/test_launchers.py)."""
+environments written here (the real launchers run in tests/multiprocess/test_cluster_launch.py)."""
 from __future__ import annotations
 
 import os
