@@ -8,6 +8,7 @@ import sys
 
 from .errors import main_guard
 from .config import ConfigError, load_config
+from .launchers import apply_launcher_env
 
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -40,7 +41,8 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar: the run's
-    overrides = list(args.overrides)
+    # srun without a launcher, accelerate launch: their settings in this CLI's words
+    overrides, args.ds = apply_launcher_env(list(args.overrides), args.ds)
     if args.ds and not any(o.startswith("parallel.backend=") for o in overrides):
         overrides.append("parallel.backend=deepspeed")
     cfg = load_config(args.config or (DEMO if os.path.isfile(DEMO) else None), overrides)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+from ..launchers import apply_launcher_env
 from .config import GlueConfig, load_glue_config
 from .tasks import TASKS, Task, get_task
 
@@ -35,6 +36,8 @@ def _config(args) -> tuple[Task, GlueConfig]:
         ov.append(f"run.seeds={args.seeds}")
     if args.protocol is not None:
         ov.append(f"run.protocol={args.protocol}")
+    # srun without a launcher, accelerate launch: their settings as config keys
+    ov, _ = apply_launcher_env(ov, ds_flag="parallel.ds_config")
     return task, load_glue_config(task.name, args.config, ov)
 
 
