@@ -116,11 +116,13 @@ class CheckpointManager:
             _refuse_changes(d, meta, check)
             return
 
-    def load_latest(self, load: Callable[[Path], object], *, world: int,
-                    check: Callable[[dict], list[str]] | None = None):
+    def load_latest(self, load: Callable[[Path, int], object], *, world: int,
+                    check: Callable[[dict], list[str]] | None = None,
+                    other_world: Callable[[Path, int], None] | None = None):
         """Load the newest complete checkpoint that every rank loads; (path, result), or None
         when there is no complete checkpoint at all.
 
+        ``load(dir, saved_world)`` gets the number of processes that wrote ``dir``.
         ``check(marker)`` returns why this run may not continue that checkpoint (a config
         changed), one reason a line: those refuse before any file is read. Only a
         :class:`CorruptCheckpoint` moves on to the previous checkpoint (``load`` reads every
@@ -128,8 +130,9 @@ class CheckpointManager:
         none loading, is a :class:`UserError` listing each checkpoint's reason.
 
         All ranks walk rank 0's list together and move on together, so they never resume from
-        different steps. A checkpoint written by another number of processes is refused: each
-        rank's data position (stream, shuffle buffer) is its own and cannot be re-dealt.
+        different steps. A checkpoint written by another number of processes goes to
+        ``other_world(dir, saved_world)`` first, which raises a :class:`UserError` where this
+        run cannot continue it; without one it is refused.
         """
         found = [Path(d) for d in from_rank0([str(d) for d in self.complete()])]
         reasons: list[str] = []
@@ -141,15 +144,17 @@ class CheckpointManager:
                 continue
             saved = meta.get("world_size", world)
             if saved != world:
-                raise UserError(f"--resume: {d} was written by "
-                                f"{plural(saved, 'process', 'processes')} and this run has "
-                                f"{world}; resume with {plural(saved, 'process', 'processes')} "
-                                "(each rank's data "
-                                "position is its own), or start a new run.output_dir")
+                if other_world is None:
+                    raise UserError(f"--resume: {d} was written by "
+                                    f"{plural(saved, 'process', 'processes')} and this run has "
+                                    f"{world}; resume with "
+                                    f"{plural(saved, 'process', 'processes')}, or start a new "
+                                    "run.output_dir")
+                other_world(d, saved)
             _refuse_changes(d, meta, check)
             corrupt = misfit = ""
             try:
-                result = load(d)
+                result = load(d, saved)
             except CorruptCheckpoint as e:
                 corrupt = f"{d.name}/{e}"
             except Exception as e:  # read fine but does not fit: an older one will not either

@@ -102,6 +102,10 @@ class DataConfig:
     # where a text source's held-out eval set and token counts are kept once built, so a
     # restart or resume does not read the corpus again ("": <run.output_dir>/cache)
     cache_dir: str = ""
+    # a resume on another number of processes: prepared shards are dealt onto it exactly; a
+    # text stream's position is per rank and cannot be, so it is refused unless this is true
+    # (launch/pretrain.py --restart-data), which reads the stream again from its start
+    restart_on_world_change: bool = False
 
 
 @dataclass
@@ -412,7 +416,11 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
 RESUMABLE = ("train.max_steps", "train.log_every", "train.eval_every",
              "train.max_nonfinite_steps", "train.max_wall_minutes", "parallel.timeout_minutes",
              "checkpoint.", "metrics.", "data.prefetch",
-             "data.tokenize_workers", "data.max_retries", "data.cache_dir", "run.output_dir")
+             "data.tokenize_workers", "data.max_retries", "data.cache_dir",
+             "data.restart_on_world_change", "run.output_dir")
+# What follows from the number of processes, allowed to change with it: the global batch is
+# fixed, the accumulation that makes it up is not.
+WORLD_CHANGE = ("resolved.accumulation",)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

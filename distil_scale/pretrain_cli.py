@@ -25,6 +25,10 @@ def parse_args(argv=None):
                                 "parallel.backend=deepspeed")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in run.output_dir")
+    p.add_argument("--restart-data", action="store_true",
+                   help="with --resume on another number of processes than the checkpoint's: "
+                        "read a text stream again from its start (its per-rank position "
+                        "cannot be re-dealt; prepared shards need no flag)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in run.output_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -43,6 +47,8 @@ def main() -> int:
     hf_logging.disable_progress_bar()  # one progress bar: the run's
     # srun without a launcher, accelerate launch: their settings in this CLI's words
     overrides, args.ds = apply_launcher_env(list(args.overrides), args.ds)
+    if args.restart_data:
+        overrides.append("data.restart_on_world_change=true")
     if args.ds and not any(o.startswith("parallel.backend=") for o in overrides):
         overrides.append("parallel.backend=deepspeed")
     cfg = load_config(args.config or (DEMO if os.path.isfile(DEMO) else None), overrides)

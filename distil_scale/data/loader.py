@@ -384,9 +384,18 @@ class BatchLoader:
         return {"format": 2, "stream": stream, "pending": [it[0] for it in pending],
                 "pending_epochs": [it[1] for it in pending], "epoch": epoch}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, redeal: bool = False) -> int | None:
+        """``redeal``: ``sd`` is one rank's state of a run on another number of processes (a
+        shard stream only); its prefetched batches are dropped, the stream is dealt onto this
+        world from the global position every rank had reached, and that position (a global
+        micro-batch index) is returned."""
         if self._thread is not None or self._handed:
             raise RuntimeError("load_state_dict before the first batch")
+        if redeal:
+            start = self.stream.redeal(sd["stream"], unread=len(sd["pending"]))
+            self._ready, self._made = collections.deque(), 0
+            self._epoch = self.stream.epoch
+            return start
         if sd.get("format", 1) < 2 or "stream" not in sd:
             self.stream.load_state_dict(sd)  # a loader state of format 1 was the stream's
             self._ready = collections.deque()
@@ -396,6 +405,7 @@ class BatchLoader:
                 (b, e, None) for b, e in zip(sd["pending"], sd["pending_epochs"]))
         self._made = len(self._ready)
         self._epoch = sd.get("epoch", self.stream.epoch)
+        return None
 
     def close(self) -> None:
         self._stop.set()

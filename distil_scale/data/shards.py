@@ -139,9 +139,13 @@ def read_token_counts(data_cfg, tokenizer):
 class ShardStream:
     """Micro-batches of a shard directory for ``rank`` of ``world``, endlessly.
 
-    Each epoch is a permutation of every sequence index drawn from (seed, epoch); rank r takes
-    every world-th index from r, cut so that all ranks get as many: ranks read disjoint
-    sequences, and each epoch in another order. The state is two integers."""
+    Whole micro-batches are dealt by a global index g: micro-batch g holds the rows
+    ``perm[(g % M) * m:(g % M + 1) * m]`` of epoch ``g // M`` (``M`` whole micro-batches of ``m``
+    rows per epoch, the permutation drawn from (seed, epoch)), and rank r takes g = r, r + world,
+    r + 2 world, ... So ranks read disjoint sequences, each epoch in another order, and step s
+    of a run reads global micro-batches [s G/m, (s+1) G/m) (G rows a step) whatever the world
+    size: a checkpoint of one world can be dealt onto another (:meth:`redeal`), as Megatron's
+    consumed-samples counter allows. The state is that global index."""
 
     def __init__(self, data_cfg, tokenizer, micro_batch: int, *, seed: int = 0, rank: int = 0,
                  world: int = 1, workers: int = 0):
@@ -156,22 +160,30 @@ class ShardStream:
                         for s in m["shards"]]
         self._starts = np.cumsum([0] + [len(a) for a in self._shards])
         self.n_sequences = int(self._starts[-1])
-        self.per_rank = self.n_sequences // world
-        if self.per_rank == 0:
+        self.per_epoch = self.n_sequences // micro_batch  # whole micro-batches in an epoch
+        if self.per_epoch < world:
+            # fewer would hand two ranks of one step the same sequences (two epochs at once)
             raise UserError(f"data.source: the shards in '{self.dir}' hold {self.n_sequences} "
-                            f"sequences, fewer than the {world} processes; prepare more text")
-        self.epoch = 0
-        self.position = 0
+                            f"sequences, fewer than a micro-batch of {micro_batch} for each of "
+                            f"the {world} processes; prepare more text or lower "
+                            "train.micro_batch")
+        self.next_g = rank  # the global index of this rank's next micro-batch
+        self.epoch = 0  # of the last micro-batch made
         self.sequences_out = 0
         self._perm_epoch, self._perm = None, None
 
-    def indices(self, epoch: int) -> np.ndarray:
-        """This rank's sequence indices for ``epoch``, in reading order."""
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Every sequence index in ``epoch``'s order (one epoch cached: g only grows)."""
         if self._perm_epoch != epoch:
             g = np.random.default_rng([self.seed % 2**63, epoch])
-            self._perm = g.permutation(self.n_sequences)[self.rank::self.world][:self.per_rank]
+            self._perm = g.permutation(self.n_sequences)
             self._perm_epoch = epoch
         return self._perm
+
+    def batch_indices(self, g: int) -> np.ndarray:
+        """The sequence indices of global micro-batch ``g``."""
+        i = (g % self.per_epoch) * self.micro_batch
+        return self.permutation(g // self.per_epoch)[i:i + self.micro_batch]
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Sequences by global index, int64 (micro_batch rows: a loop is cheaper than sorting)."""
@@ -194,36 +206,61 @@ class ShardStream:
         """(micro_batch, seq_len) int64 tensor."""
         import torch
 
-        parts, need = [], self.micro_batch
-        while need:
-            take = min(need, self.per_rank - self.position)
-            parts.append(self.indices(self.epoch)[self.position:self.position + take])
-            self.position += take
-            need -= take
-            if self.position == self.per_rank:
-                self.epoch, self.position = self.epoch + 1, 0
+        g = self.next_g
+        batch = self.rows(self.batch_indices(g))
+        self.next_g, self.epoch = g + self.world, g // self.per_epoch
         self.sequences_out += self.micro_batch
-        return torch.from_numpy(self.rows(np.concatenate(parts)))
+        return torch.from_numpy(batch)
 
     def close(self) -> None:
         """Nothing to release (the memory maps go with the object): the streaming path's API."""
 
     def state_dict(self) -> dict:
-        return {"kind": "shards", "epoch": self.epoch, "position": self.position,
+        return {"kind": "shards", "format": 2, "next_g": self.next_g, "epoch": self.epoch,
+                "rank": self.rank, "world": self.world, "micro_batch": self.micro_batch,
                 "sequences_out": self.sequences_out, "n_sequences": self.n_sequences,
-                "world": self.world, "config_hash": self.manifest["config_hash"]}
+                "config_hash": self.manifest["config_hash"]}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def _check_state(self, sd: dict) -> None:
         if sd.get("kind") != "shards":
             raise UserError("data.source: the checkpoint was written reading a text stream and "
                             "this run reads prepared shards; resume with the checkpoint's "
                             "data.source")
-        if sd["config_hash"] != self.manifest["config_hash"] or sd["world"] != self.world:
+        if sd["config_hash"] != self.manifest["config_hash"]:
             raise UserError(f"data.source: the shards in '{self.dir}' are not the ones the "
                             "checkpoint was reading (prepared again, or another directory); "
                             "resume with the checkpoint's data.source")
-        self.epoch, self.position = sd["epoch"], sd["position"]
+        if "next_g" not in sd:
+            raise UserError("data.source: the checkpoint's shard position is per rank (written "
+                            "before micro-batches were dealt by a global index); finish that "
+                            "run with the version that wrote it, or start a new run.output_dir")
+        if sd["micro_batch"] != self.micro_batch:
+            raise UserError(f"train.micro_batch: the checkpoint read micro-batches of "
+                            f"{sd['micro_batch']} and this run asks for {self.micro_batch}; "
+                            f"resume with train.micro_batch={sd['micro_batch']}")
+
+    def load_state_dict(self, sd: dict) -> None:
+        """This rank's own position (the same world and rank wrote ``sd``)."""
+        self._check_state(sd)
+        if (sd["world"], sd["rank"]) != (self.world, self.rank):
+            raise ValueError(f"the state of rank {sd['rank']} of {sd['world']} loaded on rank "
+                             f"{self.rank} of {self.world}: use redeal")
+        self.next_g, self.epoch = sd["next_g"], sd["epoch"]
         self.sequences_out = sd["sequences_out"]
+
+    def redeal(self, sd: dict, unread: int = 0) -> int:
+        """Continue where all the ranks of another world left off, from any one rank's state
+        ``sd`` of which ``unread`` micro-batches were made but not handed out (prefetched: they
+        are made again here). Returns the global micro-batch this world starts from."""
+        self._check_state(sd)
+        # rank r of W handed out k micro-batches (g = r, r+W, ..., (k-1)W + r); at a step
+        # boundary every rank has handed out as many, so all g below k*W are consumed
+        handed = (sd["next_g"] - sd["rank"]) // sd["world"] - unread
+        start = handed * sd["world"]
+        self.next_g = start + self.rank
+        self.epoch = max(start - 1, 0) // self.per_epoch
+        self.sequences_out = start // self.world * self.micro_batch
+        return start
 
 
 # -- writing ----------------------------------------------------------------------------------

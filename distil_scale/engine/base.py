@@ -164,6 +164,11 @@ class Engine:
         # engine as it was, so an older checkpoint can still be tried
         self.load_state_dict(load_torch(Path(ckpt_dir) / "engine.pt", map_location=self.device))
 
+    def check_other_world(self, ckpt_dir: Path, saved_world: int) -> None:
+        """Raise a UserError where ``ckpt_dir``, written by ``saved_world`` processes, cannot
+        be loaded on this number. engine.pt is whole (rank 0 writes it, every rank reads it),
+        so any number can."""
+
     def full_state_dict(self) -> dict | None:
         """The unwrapped model's state, full-size, fp32 and on the CPU, on rank 0 (None
         elsewhere). A collective on sharded engines: every rank calls it."""

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import ConfigError
 from ..distributed import ensure_process_group
 from ..ds_config import refuse_unimplemented
+from ..errors import UserError, plural
 from ..runtime import amp_dtype
 from .base import Engine, StepResult, param_groups
 
@@ -172,6 +173,18 @@ class DeepSpeedEngine(Engine):
     def save(self, ckpt_dir: Path) -> None:
         """DeepSpeed's own checkpoint: every rank writes its optimizer partition."""
         self.ds.save_checkpoint(str(ckpt_dir), tag=TAG)
+
+    def check_other_world(self, ckpt_dir: Path, saved_world: int) -> None:
+        # ZeRO writes one optimizer partition per rank; DeepSpeed's universal checkpoint
+        # re-partitions them, but loading it is not wired into this engine
+        src = Path(ckpt_dir) / TAG
+        raise UserError(f"--resume: {ckpt_dir} is a DeepSpeed checkpoint of "
+                        f"{plural(saved_world, 'process', 'processes')} and this run has "
+                        f"{self.world_size}; ZeRO partitions are per rank and this trainer "
+                        f"loads them on the same number only: resume with {saved_world} "
+                        "(DeepSpeed's own conversion to a world-independent checkpoint: python "
+                        f"-m deepspeed.checkpoint.ds_to_universal --input_folder {src} "
+                        f"--output_folder {src}_universal)")
 
     def load(self, ckpt_dir: Path) -> None:
         path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,

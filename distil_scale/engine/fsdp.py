@@ -10,9 +10,9 @@ what FSDP is there to avoid). The word embeddings and the tied output projection
 root group, so the tie survives sharding.
 
 Checkpoints are Distributed Checkpoint (DCP) directories: every rank writes its own shards of
-the model and optimizer under ``dcp/`` and reads them back. DCP could reshard onto another
-world size, but each rank's data position (stream, shuffle buffer) cannot be re-dealt, so a
-resume needs the same number of processes (the trainer refuses another).
+the model and optimizer under ``dcp/`` and reads back what its shards need, so DCP reshards a
+checkpoint onto another number of processes as it loads (2 -> 1 and 1 -> 2 are tested); the
+small replicated rest (scheduler, scaler) is ``engine_rest.pt``.
 The frozen teacher is not sharded: it stays a plain replicated module on every rank.
 """
 from __future__ import annotations

@@ -17,8 +17,10 @@ import torch
 from .. import distributed, runtime
 from ..checkpoint import CheckpointManager, load_torch, save_torch
 from ..errors import UserError, plural
-from ..config import Config, ConfigError, config_changes, dump_yaml, to_dict
-from ..data.loader import BatchLoader, build_eval_set, open_pretrain_stream, scan_token_counts
+from ..config import (RESUMABLE, WORLD_CHANGE, Config, ConfigError, config_changes,
+                      dump_yaml, to_dict)
+from ..data.loader import (BatchLoader, build_eval_set, is_shard_dir, open_pretrain_stream,
+                          scan_token_counts)
 from ..data.masking import MaskedBatch, make_eval_masker, make_masker
 from ..distributed import barrier, rank0_first
 from ..engine import engine_class
@@ -82,7 +84,15 @@ def resolved_config(cfg: Config, rt: runtime.Runtime) -> dict:
 
 def resume_check(cfg: Config, rt: runtime.Runtime):
     now = resolved_config(cfg, rt)
-    return lambda meta: config_changes(meta["config"], now) if "config" in meta else []
+
+    def check(meta: dict) -> list[str]:
+        if "config" not in meta:
+            return []
+        other_world = meta.get("world_size", rt.world) != rt.world
+        return config_changes(meta["config"], now,
+                              RESUMABLE + WORLD_CHANGE if other_world else RESUMABLE)
+
+    return check
 
 
 @dataclass
@@ -145,24 +155,47 @@ class Run:
 
     def resume(self) -> None:
         check = resume_check(self.cfg, self.rt)
+        world, shards = self.rt.world, is_shard_dir(self.cfg.data.source)
+        loaded: dict = {}
 
-        def load(d: Path):
+        def other_world(d: Path, saved: int) -> None:
+            # before any file is read: what cannot go on with another number of processes
+            self.engine.check_other_world(d, saved)
+            if not shards and not self.cfg.data.restart_on_world_change:
+                raise UserError(
+                    f"--resume: {d} was written by {plural(saved, 'process', 'processes')} and "
+                    f"this run has {world}; a text stream's position is per rank and cannot be "
+                    f"re-dealt: resume with {saved}, or pass --restart-data to read the stream "
+                    "again from its start (prepared shards, launch/prepare_data.py, resume on "
+                    "any number)")
+
+        def load(d: Path, saved: int):
             # every file is read before anything is applied; what reads but does not fit
-            # (shapes, keys) stops the run, so a half-restored model never trains
-            st = load_torch(d / f"trainer_rank{self.rt.rank}.pt")
+            # (shapes, keys) stops the run, so a half-restored model never trains. On another
+            # world the old ranks' files are not this one's: rank 0's step, counters and data
+            # position stand for all (they agree at a step boundary)
+            same = saved == world
+            st = load_torch(d / f"trainer_rank{self.rt.rank if same else 0}.pt")
             self.engine.load(d)
-            self.state.load_state_dict(st)
+            how = "exact" if same else "redeal" if shards else "restart"
+            loaded.update(saved=saved, start=self.state.load_state_dict(st, how))
 
-        found = self.ckpts.load_latest(load, world=self.rt.world, check=check)
+        found = self.ckpts.load_latest(load, world=world, check=check, other_world=other_world)
         if found is None:
             self.rt.say(f"resume: no complete checkpoint in {self.ckpts.root} yet (the run "
                         "stopped before its first); starting from step 0")
             return
         d, _ = found
-        self.saved_at = self.state.step
-        self.rt.say(f"resume: {d} (step {self.state.step})")
+        step, saved = self.state.step, loaded["saved"]
+        self.saved_at = step
+        if saved != world:
+            data = (f"data re-dealt from global micro-batch {loaded['start']}" if shards else
+                    "--restart-data: the text stream starts again from its beginning")
+            self.rt.say(f"resume: step {step} written by {plural(saved, 'process', 'processes')}"
+                        f", continuing on {world}: {data}")
+        self.rt.say(f"resume: {d} (step {step})")
         if self.rt.is_main:
-            truncate_metrics(self.out / "metrics.jsonl", self.state.step)
+            truncate_metrics(self.out / "metrics.jsonl", step)
 
 
 def build(cfg: Config, *, resume: bool, overwrite: bool, ds_config: dict | None) -> Run:

@@ -62,12 +62,23 @@ class TrainState:
                 "masker": self.masker.state_dict(), "rng": rng,
                 "counters": dict(self.counters)}
 
-    def load_state_dict(self, st: dict) -> None:
+    def load_state_dict(self, st: dict, data: str = "exact") -> int | None:
+        """``data``: "exact" (this rank's own state), "redeal" (rank 0's state of another
+        world size: prepared shards are dealt onto this one; returns the global micro-batch it
+        starts from) or "restart" (the data starts again from its beginning). Off "exact" the
+        global generators are seeded afresh per rank (the old ranks' dropout draws cannot be
+        dealt), so dropout then differs from an uninterrupted run."""
         self.step = self.first_step = st["step"]
-        self.loader.load_state_dict(st["data"])
+        start = None
+        if data == "redeal":
+            start = self.loader.load_state_dict(st["data"], redeal=True)
+        elif data == "exact":
+            self.loader.load_state_dict(st["data"])
         self.masker.load_state_dict(st["masker"])
-        self._rng_at_start = st["rng"]  # restored by start_generators, just before step one
+        # restored by start_generators, just before step one
+        self._rng_at_start = st["rng"] if data == "exact" else None
         self.counters.update(st["counters"])
+        return start
 
     def start_generators(self, seed: int, rank: int) -> None:
         """Nothing may draw from the global generators between this call and the first step: a
@@ -75,7 +86,9 @@ class TrainState:
         if self._rng_at_start is not None:
             set_rng_state(self._rng_at_start)
         else:
-            seed_all(seed + 1000 * rank)  # dropout differs per rank, as in data parallelism
+            # dropout differs per rank, as in data parallelism; a resume onto another world
+            # (no saved state for these ranks) does not replay step 0's draws
+            seed_all(seed + 1000 * rank + 1_000_003 * self.step)
 
     def count_step(self, outcome, global_batch: int) -> int:
         """Book one optimizer step; returns how many non-finite steps have come in a row."""

@@ -188,8 +188,10 @@ def test_stream_retries_then_gives_up(monkeypatch):
             dead.next_batch()
 
 
-def test_resume_refuses_another_world_size(tmp_path, tiny_teacher, corpus):
-    """Each rank's data position is its own: a checkpoint of 2 processes cannot go on in 1."""
+def test_a_text_stream_on_another_world_size_needs_restart_data(tmp_path, tiny_teacher,
+                                                                 corpus):
+    """A text stream's position is per rank: a checkpoint of 2 processes goes on in 1 only with
+    --restart-data, which reads the stream again from its start and says so."""
     import json
 
     out = tmp_path / "r"
@@ -198,9 +200,16 @@ def test_resume_refuses_another_world_size(tmp_path, tiny_teacher, corpus):
     marker = out / "checkpoints" / "step-00000003" / "COMPLETE"
     meta = json.loads(marker.read_text())
     assert meta["world_size"] == 1
-    marker.write_text(json.dumps({**meta, "world_size": 2}))  # as a 2-rank run writes it
+    # as a 2-rank run writes it (rank 0's trainer file is the one another world reads)
+    marker.write_text(json.dumps({**meta, "world_size": 2}))
     r = run_launcher("pretrain.py", args + ["--resume"])
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "written by 2 processes and this run has 1; resume with 2 processes" in r.stderr
+    assert ("written by 2 processes and this run has 1; a text stream's position is per rank "
+            "and cannot be re-dealt: resume with 2, or pass --restart-data") in r.stderr
     assert "Traceback" not in r.stderr
     assert marker.is_file()  # nothing already written is lost
+    r = run_launcher("pretrain.py", args + ["--resume", "--restart-data", "train.max_steps=4"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("resume: step 3 written by 2 processes, continuing on 1: --restart-data: the text "
+            "stream starts again from its beginning") in r.stdout
+    assert max(_train_rows(out)) == 4

@@ -114,18 +114,20 @@ def test_dtype_at_the_vocab_boundary():
 def test_ranks_read_disjoint_sequences_reshuffled_each_epoch(shard_dir, tok, world):
     cfg = _stream_cfg(shard_dir)
     ranks = [ShardStream(cfg, tok, 4, seed=1, rank=r, world=world) for r in range(world)]
-    n = ranks[0].n_sequences
-    for epoch in (0, 1):
-        sets = [set(s.indices(epoch).tolist()) for s in ranks]
-        assert all(len(x) == n // world for x in sets)
-        assert sum(len(x) for x in sets) == len(set().union(*sets))  # no overlap
-        assert len(set().union(*sets)) == n - n % world  # covers all but the remainder
-    assert not np.array_equal(ranks[0].indices(0), ranks[0].indices(1))
-    # and the batches are those indices' rows: one epoch of rank 0, batch by batch
     s = ranks[0]
-    per = s.per_rank // 4
+    n, M = s.n_sequences, s.per_epoch
+    for epoch in (0, 1):
+        # micro-batch g goes to rank g % world: ranks share no sequence within an epoch
+        sets = [{i for g in range(epoch * M, (epoch + 1) * M) if g % world == r
+                 for i in s.batch_indices(g).tolist()} for r in range(world)]
+        assert sum(len(x) for x in sets) == len(set().union(*sets)) == M * 4
+        assert len(set().union(*sets)) == n - n % 4  # covers all but the remainder
+    assert not np.array_equal(s.permutation(0), s.permutation(1))
+    # and the batches are those indices' rows: one epoch of rank 0, batch by batch
+    per = len(range(0, M, world))
     rows = np.concatenate([s.next_batch().numpy() for _ in range(per)])
-    np.testing.assert_array_equal(rows, _all_train(shard_dir)[s.indices(0)[:per * 4]])
+    want = np.concatenate([s.batch_indices(g) for g in range(0, M, world)])
+    np.testing.assert_array_equal(rows, _all_train(shard_dir)[want])
 
 
 def test_a_killed_preparation_resumes_byte_for_byte(tmp_path):
