@@ -144,10 +144,15 @@ def all_gather(obj) -> list:
     return out
 
 
+# the node's index as each launcher names it: torchrun, the deepspeed launcher, SLURM
+NODE_RANK_ENVS = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")
+
+
 def node_rank() -> int:
-    """This process's node: torchrun's GROUP_RANK, else rank // LOCAL_WORLD_SIZE."""
-    if "GROUP_RANK" in os.environ:
-        return int(os.environ["GROUP_RANK"])
+    """This process's node, as its launcher numbers it (else rank // LOCAL_WORLD_SIZE)."""
+    for var in NODE_RANK_ENVS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
     return rank() // local if local else 0
 
