@@ -17,13 +17,14 @@ import logging
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .errors import UserError, first_line, plural
-from .distributed import any_rank, barrier, every_rank, from_rank0, rank
+from .distributed import all_gather, any_rank, barrier, every_rank, from_rank0, rank, world_size
 from .fsio import atomic_write, fsync_tree, recover_dir, replace_dir
 
 log = logging.getLogger(__name__)
@@ -202,5 +203,52 @@ def load_torch(path: Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated zip, garbage, missing: all the same to a resume
-        raise CorruptCheckpoint(f"{Path(path).name}: cannot be read "
-                                f"({type(e).__name__}: {first_line(e, 120)})") from e
+        raise CorruptCheckpoint(f"{Path(path).name}: {_unreadable(e)}") from e
+
+
+def load_torch_agreed(path: Path, map_location="cpu"):
+    """:func:`load_torch` on every rank, a file one rank cannot read being a
+    :class:`CorruptCheckpoint` on all of them: what follows (a sharded engine's load) is a
+    collective, which a rank that stopped alone would leave the others waiting in."""
+    obj, problem = None, None
+    try:
+        obj = load_torch(path, map_location)
+    except CorruptCheckpoint as e:
+        problem = str(e)
+    agree_readable(problem)
+    return obj
+
+
+def agree_readable(problem: str | None) -> None:
+    """Raise :class:`CorruptCheckpoint` on every rank when any rank found a file it cannot
+    read (``problem``: "file: why", None when it found none)."""
+    found = list(dict.fromkeys(p for p in all_gather(problem) if p))  # a shared file: once
+    if found:
+        more = f" (and {plural(len(found) - 1, 'more file')})" if len(found) > 1 else ""
+        raise CorruptCheckpoint(found[0] + more)
+
+
+def verify_archives(ckpt_dir: Path, files: list[Path]) -> None:
+    """Check that every ``torch.save`` archive among ``files`` reads back whole, before an
+    engine applies any of them; each rank checks its share (file i on rank i mod world) and
+    all agree, so a damaged file is a :class:`CorruptCheckpoint` on every rank.
+
+    A torch.save file is a zip archive with a CRC-32 per member: a truncated file has lost the
+    zip directory at its end and a changed byte fails its member's CRC, both found without
+    unpickling anything (``torch.load`` itself reads a changed tensor without a word)."""
+    problem = None
+    for f in files[rank()::world_size()]:
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+            why = None if bad is None else f"cannot be read (member {bad} fails its CRC-32)"
+        except Exception as e:  # missing, truncated, not a zip: all unreadable
+            why = _unreadable(e)
+        if why:
+            problem = f"{Path(f).relative_to(ckpt_dir)}: {why}"
+            break
+    agree_readable(problem)
+
+
+def _unreadable(e: BaseException) -> str:
+    return f"cannot be read ({type(e).__name__}: {first_line(e, 120)})"

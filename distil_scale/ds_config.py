@@ -5,6 +5,7 @@ DeepSpeed's own config parser before the run starts: a misspelt key, at the top 
 section, is one line naming it."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -83,6 +84,81 @@ def check_schema(ds: dict, path: str, flag: str = "--ds") -> None:
     if unknown:
         raise ConfigError(f"{flag}: unknown top-level key '{unknown[0]}' in '{path}' (DeepSpeed "
                           "would ignore it); fix its spelling or remove it")
+    check_optimizer_params(ds, path, flag)
+
+
+# optimizer.params keys DeepSpeed takes out itself before it builds an Adam/AdamW
+# (DeepSpeedEngine._configure_basic_optimizer, get_optimizer_configuration)
+_DS_ADAM_KEYS = {"adam_w_mode", "torch_adam", "fp32_optimizer_states"}
+
+
+def _optimizer(ds: dict):
+    """(the class DeepSpeed would build for the JSON's optimizer, the optimizer.params keys
+    it accepts), mirroring DeepSpeed's choice; None where that cannot be told before start (no
+    optimizer section, the mu* and Muon optimizers from other packages)."""
+    import torch.optim
+
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
+        return None
+    name, params = opt["type"], opt.get("params") or {}
+    zero = ds.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme") \
+        or zero.get("cpu_offload") is True
+    # keywords DeepSpeed passes the optimizer itself: a user's copy would collide with them
+    injected, extra = {"self", "params", "model_params"}, set()
+    if name.lower() in ("adam", "adamw"):
+        extra = _DS_ADAM_KEYS
+        if params.get("torch_adam"):
+            cls = torch.optim.AdamW if name.lower() == "adamw" else torch.optim.Adam
+            extra = extra | {"foreach"}
+        elif offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam as cls
+            injected = injected | {"adamw_mode"}
+        else:
+            from deepspeed.ops.adam import FusedAdam as cls
+    elif name.lower() == "adagrad":
+        if offload:
+            from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad as cls
+        else:
+            cls = torch.optim.Adagrad
+    elif name.lower() == "lamb":
+        from deepspeed.ops.lamb import FusedLamb as cls
+    elif name.lower() == "lion":
+        if offload:
+            from deepspeed.ops.lion import DeepSpeedCPULion as cls
+        else:
+            from deepspeed.ops.lion import FusedLion as cls
+    elif name.lower().startswith("mu"):
+        return None
+    else:  # DeepSpeed builds any other name from torch.optim
+        cls = getattr(torch.optim, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise ConfigError(f"optimizer.type: '{name}' is neither a DeepSpeed optimizer nor "
+                              "one of torch.optim's; use e.g. AdamW")
+    sig = inspect.signature(cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in sig):
+        return None  # takes any keyword
+    return cls, {p.name for p in sig} - injected | extra
+
+
+def check_optimizer_params(ds: dict, path: str, flag: str = "--ds") -> None:
+    """DeepSpeed hands optimizer.params to the optimizer's constructor unchecked: a misspelt
+    key ("weight_decya") would be a TypeError deep inside ``deepspeed.initialize``. Checked
+    against that constructor's own signature, before the run starts."""
+    try:
+        found = _optimizer(ds)
+    except ConfigError as e:
+        raise ConfigError(f"{flag}: {e} (in '{path}')") from None
+    params = ds["optimizer"].get("params") if found else None
+    if not isinstance(params, dict):
+        return
+    cls, known = found
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{flag}: unknown key 'optimizer.params.{unknown[0]}' in '{path}' "
+                          f"({cls.__name__} takes {', '.join(sorted(known))}); fix its "
+                          "spelling or remove it")
 
 
 def reconcile(ds: dict, path: str, *, micro: int, glob: int, world: int, max_grad_norm: float,

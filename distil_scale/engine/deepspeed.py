@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import CorruptCheckpoint, verify_archives
 from ..config import ConfigError
 from ..distributed import ensure_process_group
 from ..ds_config import refuse_unimplemented
@@ -187,6 +188,13 @@ class DeepSpeedEngine(Engine):
                         f"--output_folder {src}_universal)")
 
     def load(self, ckpt_dir: Path) -> None:
+        # DeepSpeed applies the model states before it reads the optimizer partitions: a
+        # damaged partition found there would leave new weights under old moments. Every file
+        # is checked first (a collective), so a damaged one changes nothing on any rank
+        files = sorted((Path(ckpt_dir) / TAG).glob("*.pt"))
+        if not any(f.name.endswith("model_states.pt") for f in files):
+            raise CorruptCheckpoint(f"{TAG}/: cannot be read (no *model_states.pt in it)")
+        verify_archives(Path(ckpt_dir), files)
         path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
         if path is None:

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import load_torch
+from ..checkpoint import agree_readable, load_torch_agreed
+from ..errors import first_line
 from ..config import ConfigError
 from .base import Engine, transformer_blocks
 from ..distributed import ensure_process_group
@@ -78,7 +79,10 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        rest = load_torch(Path(ckpt_dir) / "engine_rest.pt")  # read before anything changes
+        # read and checked before anything changes: dcp.load copies into the live parameters
+        # and optimizer states item by item, so a file failing half-way would leave a mixture
+        rest = load_torch_agreed(Path(ckpt_dir) / "engine_rest.pt")
+        agree_readable(dcp_problem(Path(ckpt_dir) / "dcp"))
         model_sd, optim_sd = get_state_dict(self.raw_module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
@@ -102,6 +106,31 @@ class FSDPEngine(Engine):
         """All ranks gather (a collective); rank 0 gets a fresh fp32 copy of the student."""
         full = self.full_state_dict()
         return None if full is None else rebuild_student(self.raw_module, full)
+
+
+def dcp_problem(dcp_dir: Path) -> str | None:
+    """Why DCP could not read ``dcp_dir`` back ("dcp/file: why"), or None. DCP keeps no
+    checksums; what can be seen before reading is its ``.metadata`` failing to unpickle and a
+    file missing or ending before the last item the metadata places in it (a truncation)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(dcp_dir)).read_metadata().storage_data or {}
+    except Exception as e:  # missing, truncated, garbage
+        return f"dcp/.metadata: cannot be read ({type(e).__name__}: {first_line(e, 120)})"
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0),
+                                       info.offset + info.length)
+    for rel, end in sorted(ends.items()):
+        try:
+            size = (dcp_dir / rel).stat().st_size
+        except OSError as e:
+            return f"dcp/{rel}: cannot be read ({e.strerror})"
+        if size < end:
+            return (f"dcp/{rel}: cannot be read (truncated: {size} bytes, its items end at "
+                    f"byte {end})")
+    return None
 
 
 def rebuild_student(module: nn.Module, full_state: dict) -> nn.Module:

@@ -16,8 +16,8 @@ from ..config import to_dict
 from .config import GlueConfig
 from ..models import load_tokenizer, resolve_model_path
 from .modeling import load_for_finetune, load_teacher, same_vocab, student_from_teacher
-from .runner import (Prepared, check_output_dir, default_out_dir, encode, fmt_metrics, log,
-                     make_collate, model_inputs, prepare_data, run_seeds, score, setup_runtime)
+from .runner import (Prepared, claimed_runtime, default_out_dir, encode, fmt_metrics, log,
+                     make_collate, model_inputs, prepare_data, run_seeds, score)
 from .tasks import Task
 from . import metrics as M
 
@@ -71,20 +71,19 @@ def _hidden(config) -> int:
 def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConfig) -> dict:
     out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
         default_out_dir(task, student_spec, "-distill")
-    check_output_dir(out_dir, task, "distill")
-    splits = prepare_data(task, cfg)          # bad data is refused before any model loads
-    t_path = resolve_model_path(teacher_spec, "--teacher")
-    init = None
-    if student_spec.startswith("init:"):
-        init = student_spec[5:]
-        if init not in INIT_KINDS:
-            raise UserError(f"--student: unknown init '{student_spec}'; use a model directory, "
-                            f"a hub id, or one of " + ", ".join(f"init:{k}" for k in INIT_KINDS))
-        s_path = None
-    else:
-        s_path = resolve_model_path(student_spec, "--student")
-    d, backend, ds = setup_runtime(cfg)
-    try:
+    with claimed_runtime(cfg, out_dir, task, "distill") as (d, backend, ds):
+        splits = prepare_data(task, cfg)          # bad data is refused before any model loads
+        t_path = resolve_model_path(teacher_spec, "--teacher")
+        init = None
+        if student_spec.startswith("init:"):
+            init = student_spec[5:]
+            if init not in INIT_KINDS:
+                raise UserError(f"--student: unknown init '{student_spec}'; use a model "
+                                "directory, a hub id, or one of "
+                                + ", ".join(f"init:{k}" for k in INIT_KINDS))
+            s_path = None
+        else:
+            s_path = resolve_model_path(student_spec, "--student")
         teacher = load_teacher(t_path, task, spec=teacher_spec)
         teacher.to(d.device).eval().requires_grad_(False)
         tokenizer = load_tokenizer(t_path, "--teacher", fast=False)
@@ -128,6 +127,4 @@ def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConf
         extra = {"mode": "distill", "teacher": teacher_spec, "student": student_spec,
                  "teacher_metrics": t_metrics, "distill": to_dict(cfg.distill)}
         return run_seeds(prep, cfg, build, loss, d, extra)
-    finally:
-        d.close()
 

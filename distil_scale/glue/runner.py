@@ -8,6 +8,7 @@ the same metric and only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -424,11 +425,31 @@ def check_output_dir(out: Path, task: Task, mode: str) -> None:
                         "directory")
 
 
-def start_output_dir(prep: Prepared, cfg: GlueConfig, mode: str, d):
-    """Take the directory's lock, say what it holds and clear a replaced run's metrics (a rerun
-    of the same task must not append to the old one's)."""
+OUT_FLAG = "--output-dir (run.output_dir)"
+
+
+@contextlib.contextmanager
+def claimed_runtime(cfg: GlueConfig, out: Path, task: Task, mode: str):
+    """The runtime (process group, device, precision), with ``out`` checked and its lock
+    taken before any data or model is read: a second run into a busy directory exits 2 at
+    once, on every rank (rank 0 takes the lock and tells the others). Both are given back on
+    any exit."""
+    check_output_dir(out, task, mode)
+    d, backend, ds = setup_runtime(cfg)
+    lock = None
+    try:
+        lock = claim_output_dir(out, OUT_FLAG)
+        yield d, backend, ds
+    finally:
+        if lock:
+            lock.release()
+        d.close()
+
+
+def start_output_dir(prep: Prepared, cfg: GlueConfig, mode: str, d) -> None:
+    """Say what the (locked) directory holds and clear a replaced run's metrics (a rerun of
+    the same task must not append to the old one's)."""
     out = prep.out_dir
-    lock = claim_output_dir(out, "--output-dir (run.output_dir)")
     if d.is_main:
         for name in ("metrics.jsonl", "tb"):
             p = out / name
@@ -438,22 +459,12 @@ def start_output_dir(prep: Prepared, cfg: GlueConfig, mode: str, d):
                 p.unlink()
         atomic_write(out / RUN_FILE, json.dumps({"task": prep.task.name, "mode": mode}) + "\n")
         dump_yaml(cfg, out / "config.yaml")
-    return lock
 
 
 def run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d,
               extra: Optional[dict] = None) -> dict:
     """One run, or ``run.seeds`` runs (seed, seed+1, ...) summarised by the median."""
-    lock = start_output_dir(prep, cfg, (extra or {}).get("mode", "finetune"), d)
-    try:
-        return _run_seeds(prep, cfg, build_model, loss_fn, d, extra)
-    finally:
-        if lock:
-            lock.release()
-
-
-def _run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d,
-               extra: Optional[dict] = None) -> dict:
+    start_output_dir(prep, cfg, (extra or {}).get("mode", "finetune"), d)
     if cfg.run.seeds == 1:
         return train_one(prep, cfg, cfg.run.seed, prep.out_dir, build_model, loss_fn, d, extra)
     runs = []
@@ -503,12 +514,10 @@ def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
 
     out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
         default_out_dir(task, model_spec)
-    check_output_dir(out_dir, task, "finetune")
-    splits = prepare_data(task, cfg)          # bad data is refused before any model loads
-    path = resolve_model_path(model_spec, "--model")
-    check_encoder(path, "--model")  # before its tokenizer: a GPT-2 directory may have none
-    d, backend, ds = setup_runtime(cfg)
-    try:
+    with claimed_runtime(cfg, out_dir, task, "finetune") as (d, backend, ds):
+        splits = prepare_data(task, cfg)          # bad data is refused before any model loads
+        path = resolve_model_path(model_spec, "--model")
+        check_encoder(path, "--model")  # before its tokenizer: a GPT-2 directory may have none
         tokenizer = load_tokenizer(path, "--model", fast=False)
         prep = Prepared(task, splits, tokenizer, model_spec, out_dir, backend, ds)
 
@@ -520,5 +529,3 @@ def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
                            "params": sum(p.numel() for p in model.parameters())}
 
         return run_seeds(prep, cfg, build, FinetuneLoss(), d, {"mode": "finetune"})
-    finally:
-        d.close()

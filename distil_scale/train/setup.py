@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed, runtime
-from ..checkpoint import CheckpointManager, load_torch, save_torch
+from ..checkpoint import CheckpointManager, load_torch_agreed, save_torch
 from ..errors import UserError, plural
 from ..config import (RESUMABLE, WORLD_CHANGE, Config, ConfigError, config_changes,
                       dump_yaml, to_dict)
@@ -175,7 +175,9 @@ class Run:
             # world the old ranks' files are not this one's: rank 0's step, counters and data
             # position stand for all (they agree at a step boundary)
             same = saved == world
-            st = load_torch(d / f"trainer_rank{self.rt.rank if same else 0}.pt")
+            # agreed: a sharded engine's load is a collective, which a rank that cannot read
+            # its own trainer file must not leave the others waiting in
+            st = load_torch_agreed(d / f"trainer_rank{self.rt.rank if same else 0}.pt")
             self.engine.load(d)
             how = "exact" if same else "redeal" if shards else "restart"
             loaded.update(saved=saved, start=self.state.load_state_dict(st, how))

@@ -429,6 +429,38 @@ def test_glue_refuses_a_directory_holding_another_tasks_run(glue, tmp_path, monk
     assert len([m for m in read_metrics(out) if "train/epoch_loss" in m]) == 1
 
 
+def test_glue_into_a_live_directory_is_refused_before_any_data_is_read(glue, tmp_path,
+                                                                      monkeypatch):
+    """The lock is taken right after the process group exists (rank 0 takes it, every rank
+    hears the refusal), before the data or the model is read."""
+    from distil_scale.errors import UserError
+    from distil_scale.glue import distill, runner
+    from distil_scale.glue.distill import distill_task
+    from distil_scale.glue.runner import finetune
+    from distil_scale.glue.tasks import TASKS
+
+    data, model = glue
+    out = tmp_path / "busy"
+    out.mkdir()
+    live = subprocess.Popen(["sleep", "60"])  # stands for a fine-tune still running there
+    try:
+        (out / LOCK).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        before = _snapshot(out)
+        for mod in (runner, distill):
+            monkeypatch.setattr(mod, "prepare_data", lambda *a: pytest.fail("data read first"))
+        want = (rf"--output-dir \(run.output_dir\): '{out}' is in use by a running job "
+                rf"\(pid {live.pid} on ")
+        with pytest.raises(UserError, match=want):
+            finetune(TASKS["rte"], str(model), _glue_cfg("rte", data, out))
+        with pytest.raises(UserError, match=want):
+            distill_task(TASKS["rte"], str(model), "init:teacher-layers",
+                         _glue_cfg("rte", data, out))
+        assert _snapshot(out) == before  # the live run's lock and files untouched
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_kill_while_saving_the_glue_model_keeps_the_previous_one(glue, tmp_path, monkeypatch):
     from distil_scale.glue import runner
     from distil_scale.glue.runner import finetune

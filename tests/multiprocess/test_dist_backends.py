@@ -8,7 +8,8 @@ files; the HF export loads as a DistilBertForMaskedLM with its tied weights and 
 weights rebuilt from the step-6 checkpoint. Then DDP, FSDP2 and ZeRO-2 with offload are
 SIGKILLed (launcher and ranks) after their step-3 checkpoint and resumed: steps 4-6 must equal
 the uninterrupted run to 1e-6, with dropout on and the MFU peak measured at start; the other
-two replay steps 4-6 from step 3 with step 6 deleted.
+two replay steps 4-6 from step 3 with step 6 deleted. Last, a truncated DCP shard (FSDP2) and
+a truncated ZeRO-2 optimizer partition make the resume fall back to the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -146,3 +147,40 @@ def test_two_ranks_train_checkpoint_export_resume(name, assets, tmp_path):
     for s in (4, 5, 6):
         assert again[s]["loss/total"] == pytest.approx(m[s]["loss/total"], rel=1e-4), s
     assert (ckpts / "step-00000006" / "COMPLETE").is_file()
+
+
+# name: (launcher, backend arguments, the newest checkpoint's file that is truncated)
+TRUNCATED = {
+    "fsdp": ("torchrun", ["parallel.backend=fsdp"], "dcp/__1_0.distcp"),
+    "zero2": ("deepspeed", ["--ds", str(DS_CPU)],
+              "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+}
+
+
+@pytest.mark.slow
+def test_a_truncated_sharded_checkpoint_falls_back_to_the_previous_one(assets, tmp_path):
+    """FSDP2's DCP shards and ZeRO's optimizer partitions: a file of the newest checkpoint cut
+    in half (rank 1's, which rank 0 never reads) makes every rank resume from the previous
+    checkpoint with a warning naming it, and steps 3-4 replay exactly (nothing of the damaged
+    checkpoint was applied); before, the resume was refused as a checkpoint that did not fit."""
+    for name, (launcher, backend_args, damaged) in TRUNCATED.items():
+        out = tmp_path / name
+        args = [*backend_args, *tiny_args(assets, out, "bf16"), "data.max_seq_len=32",
+                "train.max_steps=4", "checkpoint.every_steps=2"]
+        run(launch_cmd(launcher, 2, args))
+        first = metrics_by_step(out)
+        f = out / "checkpoints" / "step-00000004" / damaged
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+        older = {p: p.read_bytes() for p in (out / "checkpoints" / "step-00000002").rglob("*")
+                 if p.is_file()}
+
+        log = run(launch_cmd(launcher, 2, args + ["--resume"]))
+        assert f"step-00000004/{damaged}: cannot be read" in log, log[-3000:]
+        assert "trying the previous one" in log and "(step 2)" in log, log[-3000:]
+        assert all(p.read_bytes() == b for p, b in older.items()), name
+        again = metrics_by_step(out)
+        assert sorted(s for s, row in again.items() if "loss/total" in row) == [1, 2, 3, 4]
+        for s in (3, 4):
+            assert again[s]["loss/total"] == pytest.approx(first[s]["loss/total"], abs=1e-6,
+                                                           rel=0), (name, s)
+        assert (out / "checkpoints" / "step-00000004" / "COMPLETE").is_file()

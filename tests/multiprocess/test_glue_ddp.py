@@ -80,3 +80,37 @@ def test_task_distillation_on_fsdp_two_ranks(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/dev_accuracy" in x for x in lines)
     assert (out / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_busy_output_dir_under_torchrun_is_one_line_in_torchruns_summary(tmp_path):
+    """A second fine-tune into a directory a live job holds: every rank refuses it (rank 0
+    takes the lock and tells the others) and torchrun's failure summary shows the one line as
+    the root cause, where it used to say only "exitcode: 2" and a link."""
+    import socket
+
+    from distil_scale.fsio import LOCK
+
+    model = make_tiny_model(tmp_path / "tiny")
+    data = write_fixture(tmp_path / "glue", "rte", n_train=16, n_dev=8)
+    out = tmp_path / "busy"
+    out.mkdir()
+    live = subprocess.Popen(["sleep", "120"])  # stands for the job that holds the directory
+    try:
+        (out / LOCK).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                            str(REPO / "launch" / "finetune.py"), "--task", "rte", "--model",
+                            str(model), "--data-dir", str(data), "--output-dir", str(out),
+                            "parallel.backend=ddp", "train.progress_bar=false"],
+                           capture_output=True, text=True, timeout=300, cwd=REPO,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    finally:
+        live.kill()
+        live.wait()
+    line = (f"error: --output-dir (run.output_dir): '{out}' is in use by a running job (pid "
+            f"{live.pid} on {socket.gethostname()})")
+    assert p.returncode != 0
+    root = p.stderr.split("Root Cause (first observed failure):", 1)[-1]
+    assert "exitcode  : 2" in root and f"traceback : {line}" in root, p.stderr[-3000:]
+    assert sorted(x.name for x in out.iterdir()) == [LOCK]  # nothing written there
