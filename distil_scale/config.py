@@ -13,9 +13,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
-    """A user-facing input error: one line, names the field and the fix."""
+
+class ConfigError(UserError):
+    """A bad config key or value: one line, names the field and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,11 +5,10 @@ import functools
 import sys
 from typing import Callable
 
-from .config import ConfigError
 
-
-class UserError(ConfigError):
-    """Bad input that is not a config key (a path, a file's content, a model): same contract.
+class UserError(ValueError):
+    """Bad input (a path, a file's content, a model, a config key): one line on stderr naming
+    what to change, exit code 2. :class:`~distil_scale.config.ConfigError` is the config-key kind.
 
     ``details``: further lines, one per reason, when one line cannot hold them (every
     checkpoint of a run refusing to load, each for its own reason)."""
@@ -37,7 +36,7 @@ def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
     def wrapper() -> None:
         try:
             rc = fn()
-        except ConfigError as e:
+        except UserError as e:
             print(f"error: {first_line(e, 10**6)}", file=sys.stderr, flush=True)
             for line in getattr(e, "details", ()):
                 print(f"error:   {line}", file=sys.stderr, flush=True)

@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import UserError
 from ..families import FAMILIES, teacher_config
 from ..fsio import RunLock, atomic_write
+from ..hub import load_tokenizer, resolve_model_path
 from .packing import Encoder, Packer, vocab_hash
 from .sources import is_heldout, is_local, iter_texts, open_stream, resolve_source
 
@@ -349,8 +350,6 @@ def prepare_shards(pc: PrepareConfig, out, *, workers: int = 0, progress_bar: bo
 def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progress_bar: bool,
                     say) -> dict:
     from tqdm.auto import tqdm
-
-    from ..models import load_tokenizer, resolve_model_path
 
     t_start = time.perf_counter()
     out = Path(out).expanduser()

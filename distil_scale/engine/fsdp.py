@@ -25,8 +25,9 @@ from torch import nn
 
 from ..checkpoint import load_torch
 from ..config import ConfigError
-from .base import Engine, transformer_blocks
 from ..distributed import ensure_process_group
+from ..models import rebuild_student
+from .base import Engine, transformer_blocks
 
 
 class FSDPEngine(Engine):
@@ -102,28 +103,3 @@ class FSDPEngine(Engine):
         """All ranks gather (a collective); rank 0 gets a fresh fp32 copy of the student."""
         full = self.full_state_dict()
         return None if full is None else rebuild_student(self.raw_module, full)
-
-
-def rebuild_student(module: nn.Module, full_state: dict) -> nn.Module:
-    """A new unwrapped StudentForDistillation on CPU holding ``full_state`` (as fp32).
-
-    The same stock class as the trained student (from the family table, not ``type()``: a
-    sharded module's class is a generated FSDP subclass), wrapped as it was (its projection to
-    the teacher's width included); the export saves ``.mlm`` only."""
-    from ..families import family_of
-    from ..models import StudentForDistillation
-
-    fam = family_of(module.mlm.config)
-    student = StudentForDistillation(fam.cls()(module.mlm.config),
-                                     **getattr(module, "spec", {}))
-    missing, unexpected = student.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in full_state.items()},
-        strict=False)
-    # a tied tensor may come under either of its names; tie_weights restores the other
-    ties = [{f"mlm.{n}" for n in pair} for pair in fam.tied_pairs(student.mlm)]
-    untied = set(missing) - set().union(*ties)
-    if unexpected or untied or any(t <= set(missing) for t in ties):
-        raise RuntimeError(f"student export: missing {sorted(missing)}, "
-                           f"unexpected {sorted(unexpected)}")
-    student.mlm.tie_weights()
-    return student

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..config import to_dict
 from .config import GlueConfig
-from ..models import load_tokenizer, resolve_model_path
+from ..hub import load_tokenizer, resolve_model_path
 from .modeling import load_for_finetune, load_teacher, same_vocab, student_from_teacher
 from .runner import (Prepared, check_output_dir, default_out_dir, encode, fmt_metrics, log,
                      make_collate, model_inputs, prepare_data, run_seeds, score, setup_runtime)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..families import FAMILIES, supported
+from ..models import even_layer_map
 from .tasks import Task
 
 # parameters of a sequence-classification head (BERT: pooler + classifier; DistilBERT:
@@ -129,8 +130,6 @@ def student_from_teacher(teacher, layers: Optional[list[int]], init: str, seed: 
     spread as pretraining spreads it (``models.even_layer_map``: 0,2,4,7,9,11 of 12, as the
     DistilBERT paper; 0,2,5 of 6), so a task-distilled student and a pretrained one match.
     """
-    from ..models import even_layer_map
-
     import copy
 
     import torch

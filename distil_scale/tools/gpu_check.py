@@ -42,7 +42,12 @@ from importlib import metadata
 from pathlib import Path
 
 from ..assets import BERT_UNCASED
+from ..config import load_config
+from ..distributed import ensure_process_group
+from ..ds_config import load_ds_config
+from ..errors import UserError
 from ..runtime import MEMORY_CAP_ENV
+from .plan import RESERVE_GIB, GiB, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "configs" / "paper.yaml"
@@ -198,8 +203,6 @@ def zero_grad_accum_error(ds_sections: dict, precision: str, device, n_micro: in
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision: fp16 needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
                          "use bf16")
-    from ..distributed import ensure_process_group
-
     ensure_process_group(device, deepspeed=True)
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
@@ -508,10 +511,6 @@ def torch_profile(ctx: Ctx, precision: str) -> Path:
 
 
 def planned_gib(ctx: Ctx, ov: list[str], ds_path: Path) -> float:
-    from ..config import load_config
-    from ..ds_config import load_ds_config
-    from .plan import GiB, make_plan
-
     cfg = load_config(str(PAPER), ov)
     ds = load_ds_config(str(ds_path), cfg, 1)
     return make_plan(cfg, ds, gpus=1, nodes=1, gpu_mem_gib=ctx.gpu_mem_gib).total / GiB
@@ -822,8 +821,6 @@ def _pct(x: float) -> str:
 
 
 def case_table(results: list[CaseResult], datasheet_tflops: float = math.nan) -> list[str]:
-    from .plan import RESERVE_GIB
-
     head = ["case", "precision", "status", "exit", "s/step", "tokens/s", "MFU (measured peak)",
             "MFU (datasheet)", "peak GiB", "reserved GiB", "planned GiB",
             f"peak / (planned − {RESERVE_GIB:g})", "data wait", "loss scale", "skipped steps",
@@ -1026,8 +1023,6 @@ def parse_args(argv=None):
 
 
 def _pick(value: str, allowed, flag: str) -> tuple[str, ...]:
-    from ..errors import UserError
-
     picked = tuple(v.strip() for v in value.split(",") if v.strip())
     for v in picked:
         if v not in allowed:
@@ -1069,8 +1064,6 @@ def main(argv=None) -> int:
     precisions = (_pick(args.precisions, ("bf16", "fp16"), "--precisions")
                   or (("bf16",) if args.quick or args.cpu_smoke else ()))
     if args.cpu_smoke and "fp16" in precisions:
-        from ..errors import UserError
-
         raise UserError("--precisions: fp16 needs a CUDA device; use bf16 with --cpu-smoke")
     plan = plan_for(shapes, cases, precisions, args.bench, args.zero)
     info = device_info(args.cpu_smoke)
