@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from .assets import CONFIGS
 from .config import ConfigError, load_config
 from .ds_config import load_ds_config
 from .errors import main_guard
@@ -13,8 +14,7 @@ from .launchers import apply_launcher_env
 from .train import TrainingError, train
 
 
-DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "demo.yaml")
+DEMO = str(CONFIGS / "demo.yaml")
 
 
 def parse_args(argv=None):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from ..assets import BERT_UNCASED
+from ..assets import BERT_UNCASED, CONFIGS
 from ..config import load_config
 from ..distributed import ensure_process_group
 from ..ds_config import load_ds_config
@@ -50,7 +50,7 @@ from ..runtime import MEMORY_CAP_ENV
 from .plan import RESERVE_GIB, GiB, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
-PAPER = REPO / "configs" / "paper.yaml"
+PAPER = CONFIGS / "paper.yaml"
 PRETRAIN = REPO / "launch" / "pretrain.py"
 BENCH = REPO / "launch" / "bench.py"
 SELF = REPO / "launch" / "gpu_check.py"

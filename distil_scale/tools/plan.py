@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..assets import CONFIGS
 from ..config import ConfigError, load_config
 from ..ds_config import load_ds_config
 from ..engine.deepspeed import DeepSpeedEngine, zero_stage
@@ -28,8 +29,7 @@ from ..models import count_params, student_config
 from ..runtime import fused_chunk_rows, resolve_attention
 
 GiB = 2 ** 30
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PAPER = os.path.join(REPO, "configs", "paper.yaml")
+PAPER = str(CONFIGS / "paper.yaml")
 # CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation: not computable, assumed
 RESERVE_GIB = 1.0
 

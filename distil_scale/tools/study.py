@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..assets import CONFIGS
 from ..config import load_config
 from ..errors import UserError, main_guard
 from ..glue.config import load_glue_config
@@ -33,7 +34,7 @@ from ..glue.tasks import get_task
 from ..train import train
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = CONFIGS / "demo.yaml"
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
 
