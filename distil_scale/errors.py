@@ -18,10 +18,14 @@ class UserError(ValueError):
         self.details = list(details)
 
 
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """An exception as one line: its message's first line, or its type when it has none."""
+def first_line(e: BaseException, limit: int = 200, *, typed: bool = False) -> str:
+    """An exception as one line: its message's first line (after its type's name when
+    ``typed``), or its type when it has none."""
     text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    first = text.splitlines()[0][:limit]
+    return f"{type(e).__name__}: {first}" if typed else first
 
 
 def plural(n: int, word: str, many: str = "") -> str:

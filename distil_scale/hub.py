@@ -7,14 +7,24 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from .errors import UserError, first_line
 
 
 # what save_pretrained writes: a directory without one of these holds no model
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
+
+
+def reads_as_hub_id(spec: str) -> bool:
+    """A hub id is "name" or "org/name"; ``pypi:``, a path form (./, /, ~) or deeper nesting
+    is not one."""
+    return bool(spec) and not spec.startswith(("pypi:", ".", "/", "~")) and spec.count("/") <= 1
+
+
+def hub_error(flag: str, spec: str, e: Exception) -> UserError:
+    """A load from the hub failed (offline, no such id): one line naming ``flag``."""
+    return UserError(f"{flag}: could not load '{spec}' ({first_line(e, 160, typed=True)}); pass "
+                     "a local model directory when offline")
 
 
 def resolve_model_path(name_or_path: str, flag: str = "teacher.name_or_path", *,
@@ -45,24 +55,25 @@ def resolve_model_path(name_or_path: str, flag: str = "teacher.name_or_path", *,
         return str(p)
     if p.exists():
         raise UserError(f"{flag}: '{name_or_path}' is a file; pass the model directory")
-    # a hub id is "name" or "org/name"; anything else that is missing was meant as a path
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if not reads_as_hub_id(name_or_path):  # missing, and meant as a path
         raise UserError(f"{flag}: no such directory '{name_or_path}'")
-    return name_or_path  # a hub id
+    return name_or_path
 
 
 def load_tokenizer(path: str, flag: str = "teacher.name_or_path", *, fast: bool = True):
     """The tokenizer saved with the model at ``path``; errors name ``flag``. ``fast``: packing
     needs a fast tokenizer (tokenizer.json); GLUE reads any."""
+    # here, not at the top: the model card and the GLUE report read hub ids without loading
+    # transformers (seconds)
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a broken directory or an unreachable hub show up as many types
         if Path(path).is_dir():
             raise UserError(f"{flag}: '{path}' has no usable tokenizer files "
                             f"({type(e).__name__})") from None
-        first = first_line(e, 160)
-        raise UserError(f"{flag}: could not load '{path}' ({type(e).__name__}: {first}); pass "
-                        "a local model directory when offline") from None
+        raise hub_error(flag, path, e) from None
     if fast and not getattr(tok, "is_fast", False):
         raise UserError(f"{flag}: '{path}' has no fast tokenizer (tokenizer.json); packing "
                         "needs one")

@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -27,6 +26,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
+from ..fsio import atomic_write
 from .packing import Encoder, Packer, encode, fast_tokenizer, vocab_hash
 from .shards import HELDOUT, MANIFEST, PROGRESS, ShardStream, read_heldout, read_token_counts
 from .sources import is_heldout, iter_texts, open_from_config, source_fingerprint
@@ -473,11 +473,7 @@ def _cache_save(path: Path | None, arr: np.ndarray) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    # several ranks may build the same entry at once: each writes its own file and renames it
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, arr))  # several ranks may build the same entry
 
 
 def _prepared_or_cached(data_cfg, tokenizer, read_prepared, kind: str, cache_dir, open_fn,

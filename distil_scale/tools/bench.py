@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from ..errors import UserError, main_guard
+from ..errors import UserError, first_line, main_guard
 from ..assets import BERT_UNCASED
 from ..config import DataConfig, LossConfig, MaskingConfig, StudentConfig
 from ..data.loader import BatchLoader, PretrainStream, is_shard_dir, loader_throughput
@@ -966,7 +966,7 @@ def inference_model(role: str, path: str, attn: str, device: torch.device, dtype
             cfg = AutoConfig.from_pretrained(local)
         except (OSError, ValueError) as e:
             raise UserError(f"--{role}: cannot load '{path}' "
-                            f"({str(e).splitlines()[0][:160]})") from None
+                            f"({first_line(e, 160)})") from None
         if getattr(cfg, "vocab_size", 0) < min_vocab:
             raise UserError(f"--{role}: '{path}' has a {cfg.vocab_size}-token vocabulary; the "
                             f"bench tokenizes with the {min_vocab}-token BERT uncased one")

@@ -45,7 +45,8 @@ from ..assets import BERT_UNCASED, CONFIGS
 from ..config import load_config
 from ..distributed import ensure_process_group
 from ..ds_config import load_ds_config
-from ..errors import UserError
+from ..errors import UserError, first_line
+from ..fsio import atomic_write
 from ..runtime import MEMORY_CAP_ENV
 from .plan import RESERVE_GIB, GiB, make_plan
 
@@ -284,7 +285,7 @@ def _zero_child(spec_path: str) -> int:
             out["error"] = zero_grad_accum_error(row["sections"], row["precision"],
                                                  spec["device"], spec["n_micro"])
         except Exception as e:  # one row's failure is a result, the others still run
-            out["failure"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            out["failure"] = first_line(e, 10**6, typed=True)
         print(ZERO_ROW + json.dumps(out), flush=True)
     return 0
 
@@ -541,10 +542,6 @@ def read_run(out: Path) -> list[dict]:
     return rows
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 _PEAK = re.compile(r"^mfu peak: ([0-9.eE+-]+) TFLOP/s", re.M)
 
 
@@ -584,7 +581,7 @@ def run_case(ctx: Ctx, case: Case, precision: str, say) -> CaseResult:
     try:
         _run_case(ctx, r)
     except Exception as e:  # guarded: the check goes on with the next case
-        r.status, r.detail = "failed", f"gpu_check: {_first_line(e)}"
+        r.status, r.detail = "failed", f"gpu_check: {first_line(e, 10**6, typed=True)}"
     say(f"gpu_check: {case.label} {precision}: {r.status}"
         + (f" ({r.detail})" if r.detail else "")
         + (f", {r.step_s:.3f} s/step, peak {r.peak_gib:.2f} GiB (plan {r.planned_gib:.2f})"
@@ -618,7 +615,7 @@ def _run_case(ctx: Ctx, r: CaseResult) -> None:
     try:
         r.planned_gib = planned_gib(ctx, overrides(ctx, case, precision, out), ds_path)
     except Exception as e:  # the plan is a column, not a reason to skip the run
-        r.detail = f"plan: {_first_line(e)}"
+        r.detail = f"plan: {first_line(e, 10**6, typed=True)}"
     if ctx.deadline - time.monotonic() < MIN_START_S * (2 if case.resume else 1):
         r.status, r.detail = "skipped", BUDGET_SKIP
         return
@@ -695,7 +692,7 @@ def prebuild_ops(ctx: Ctx, say) -> str:
                               min(BUILD_TIMEOUT_S, left))
     except Exception as e:
         rc, wall = -1, 0.0
-        (log / "stderr.log").write_text(_first_line(e) + "\n")
+        (log / "stderr.log").write_text(first_line(e, 10**6, typed=True) + "\n")
     if rc is None:
         clear_build_locks(ctx.env)
     what = ("built or found cached" if rc == 0 else
@@ -978,9 +975,7 @@ def write_report(rep: Report) -> None:
         cmd, body, status = rep.bench
         lines += [f"`{cmd}`: {status}", "", "```", *body, "```", ""]
     rep.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rep.path.with_name(rep.path.name + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, rep.path)  # a reader (or a kill) never sees half a report
+    atomic_write(rep.path, "\n".join(lines))  # a reader (or a kill) never sees half a report
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -1100,11 +1095,12 @@ def main(argv=None) -> int:
                     want = rep.results[slot - 1]
                     rep.results[slot - 1] = run_case(ctx, want.case, want.precision, say)
             except Exception as e:  # guarded like the cases: the next part still runs
-                say(f"gpu_check: {part}: failed ({_first_line(e)})")
+                why = first_line(e, 10**6, typed=True)
+                say(f"gpu_check: {part}: failed ({why})")
                 if part == "bench":
-                    rep.bench = ("launch/bench.py", [], f"failed: {_first_line(e)}")
+                    rep.bench = ("launch/bench.py", [], f"failed: {why}")
                 elif part == "zero":
-                    rep.znote = f"the ZeRO check failed: {_first_line(e)}"
+                    rep.znote = f"the ZeRO check failed: {why}"
             rep.write()
     finally:
         # the random teacher is ~0.5 GB at GPU shapes; the logs and metrics stay
