@@ -13,9 +13,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import UserError, first_line
 
-class ConfigError(ValueError):
-    """A user-facing input error: one line, names the field and the fix."""
+
+class ConfigError(UserError):
+    """A bad config key or value: one line, names the field and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,8 +388,8 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"--config: '{path}' is not valid YAML ({first})") from None
+        raise ConfigError(f"--config: '{path}' is not valid YAML ({first_line(e, 10**6)})"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: '{path}' must hold a mapping of sections")
     return data

@@ -8,11 +8,10 @@ import sys
 import time
 from typing import Callable
 
-from .config import ConfigError
 
-
-class UserError(ConfigError):
-    """Bad input that is not a config key (a path, a file's content, a model): same contract.
+class UserError(ValueError):
+    """Bad input (a path, a file's content, a model, a config key): one line on stderr naming
+    what to change, exit code 2. :class:`~distil_scale.config.ConfigError` is the config-key kind.
 
     ``details``: further lines, one per reason, when one line cannot hold them (every
     checkpoint of a run refusing to load, each for its own reason)."""
@@ -22,10 +21,14 @@ class UserError(ConfigError):
         self.details = list(details)
 
 
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """An exception as one line: its message's first line, or its type when it has none."""
+def first_line(e: BaseException, limit: int = 200, *, typed: bool = False) -> str:
+    """An exception as one line: its message's first line (after its type's name when
+    ``typed``), or its type when it has none."""
     text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    first = text.splitlines()[0][:limit]
+    return f"{type(e).__name__}: {first}" if typed else first
 
 
 def plural(n: int, word: str, many: str = "") -> str:
@@ -47,7 +50,7 @@ def main_guard(fn: Callable[[], int | None]) -> Callable[[], None]:
     def wrapper() -> None:
         try:
             rc = _recorded(fn)()
-        except ConfigError as e:
+        except UserError as e:
             lines = [f"error: {first_line(e, 10**6)}",
                      *(f"error:   {line}" for line in getattr(e, "details", ()))]
             for line in lines:

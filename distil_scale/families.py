@@ -349,7 +349,7 @@ def teacher_config(path: str):
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
         raise UserError(f"teacher.name_or_path: cannot load '{path}' "
-                        f"({str(e).splitlines()[0][:160]})") from None
+                        f"({first_line(e, 160)})") from None
     fam = FAMILIES.get(config.model_type)
     if fam is None:
         raise UserError(f"teacher.name_or_path: '{path}' is a '{config.model_type}' model; "

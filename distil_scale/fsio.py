@@ -9,8 +9,10 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .distributed import from_rank0, rank
 from .errors import UserError, first_line
@@ -39,13 +41,20 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(d))
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """``path`` holds either its old content or all of ``data``, never a part of it."""
+def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None]) -> None:
+    """``path`` holds either its old content or all of ``data``, never a part of it.
+
+    ``data``: the bytes, a str (UTF-8), or a function that writes into the open file (numpy's
+    savers). The temporary name is unique per process and thread: several ranks (or loader
+    threads) may write the same path at once, and the last rename wins whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .families import family_of
 
 
 class MetricsLogger:
@@ -80,8 +81,6 @@ def head_flops_per_position(d: int, vocab: int) -> float:
 def distill_flops_per_token(tconf, sconf, seq_len: int, head_fraction: float) -> float:
     """Teacher forward + student forward/backward (3x forward), vocabulary head only at the
     fraction of positions where it is computed."""
-    from .families import family_of
-
     def model(c) -> float:
         return (encoder_flops_per_token(c.num_hidden_layers, c.hidden_size,
                                         family_of(c).ffn_size(c), seq_len)

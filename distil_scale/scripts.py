@@ -1,53 +1,53 @@
 """Console scripts (pyproject's [project.scripts]): each runs what its launch/*.py runs, with
-the same one-line errors. Imports stay inside, so ``--help`` does not load torch's world."""
+the same one-line errors.
+
+Each command's module is imported by name when the command runs, not at the top: this module
+is imported for every console script, and importing all of them would load the bench, the GLUE
+runner and DeepSpeed's world for ``distil-plan --help``.
+"""
 from __future__ import annotations
+
+import importlib
 
 from .errors import main_guard
 
 
-def finetune() -> None:
-    from .glue.cli import finetune_main
+def _run(module: str, fn: str, guarded: bool = False) -> None:
+    """``guarded``: the function is a ``main_guard``-wrapped main already (it exits itself)."""
+    main = getattr(importlib.import_module(f"distil_scale.{module}"), fn)
+    if guarded:
+        main()
+    else:
+        main_guard(main)()
 
-    main_guard(finetune_main)()
+
+def finetune() -> None:
+    _run("glue.cli", "finetune_main")
 
 
 def distill_task() -> None:
-    from .glue.cli import distill_main
-
-    main_guard(distill_main)()
+    _run("glue.cli", "distill_main")
 
 
 def report() -> None:
-    from .glue.report import report_main
-
-    main_guard(report_main)()
+    _run("glue.report", "report_main")
 
 
 def plan() -> None:
-    from .tools.plan import main
-
-    main_guard(main)()
+    _run("tools.plan", "main")
 
 
 def gpu_check() -> None:
-    from .tools.gpu_check import main
-
-    main_guard(main)()
+    _run("tools.gpu_check", "main")
 
 
 def bench() -> None:
-    from .tools.bench import main
-
-    main()  # already guarded
+    _run("tools.bench", "main", guarded=True)
 
 
 def study() -> None:
-    from .tools.study import main
-
-    main()  # already guarded
+    _run("tools.study", "main", guarded=True)
 
 
 def prepare_data() -> None:
-    from .data.prepare_cli import main
-
-    main()  # already guarded
+    _run("data.prepare_cli", "main", guarded=True)

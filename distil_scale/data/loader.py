@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -25,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import DataConfig
 from ..errors import UserError
+from ..fsio import atomic_write
 from .packing import Encoder, Packer, encode, fast_tokenizer, vocab_hash
+from .shards import HELDOUT, MANIFEST, PROGRESS, ShardStream, read_heldout, read_token_counts
 from .sources import is_heldout, iter_texts, open_from_config, source_fingerprint
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-PROGRESS = "progress.npz"
-HELDOUT = "heldout.npy"  # as shards.py names them: a shard directory is recognised here
 
 
 class StreamError(RuntimeError):
@@ -444,8 +443,6 @@ def open_pretrain_stream(data_cfg, tokenizer, micro_batch: int, *, seed: int = 0
     """A ShardStream when ``data.source`` is a prepared shard directory, else a
     PretrainStream (tokenizing in ``workers`` processes)."""
     if is_shard_dir(data_cfg.source):
-        from .shards import ShardStream
-
         return ShardStream(data_cfg, tokenizer, micro_batch, seed=seed, rank=rank, world=world)
     _refuse_unfinished(data_cfg.source)
     return PretrainStream(data_cfg, tokenizer, micro_batch, seed=seed, rank=rank, world=world,
@@ -476,11 +473,7 @@ def _cache_save(path: Path | None, arr: np.ndarray) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    # several ranks may build the same entry at once: each writes its own file and renames it
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, arr))  # several ranks may build the same entry
 
 
 def _prepared_or_cached(data_cfg, tokenizer, read_prepared, kind: str, cache_dir, open_fn,
@@ -498,8 +491,6 @@ def build_eval_set(data_cfg, tokenizer, n: int, *, seed: int = 0, open_fn=open_f
                    cache_dir=None) -> torch.Tensor:
     """The first ``n`` packed sequences of held-out documents (the same on every rank): a shard
     directory's heldout.npy, or read from the stream once and kept under ``cache_dir``."""
-    from .shards import read_heldout
-
     arr, path = _prepared_or_cached(data_cfg, tokenizer, lambda: read_heldout(
         data_cfg, tokenizer, n), "eval", cache_dir, open_fn, n=n, seed=seed)
     if arr is None:
@@ -530,8 +521,6 @@ def scan_token_counts(data_cfg, tokenizer, n_docs: int, *, seed: int = 0,
                       open_fn=open_from_config, cache_dir=None) -> torch.Tensor:
     """Token frequencies over the first ``n_docs`` training documents (a shard directory's
     token_counts.npy counts all of them), kept under ``cache_dir`` when given."""
-    from .shards import read_token_counts
-
     counts, path = _prepared_or_cached(data_cfg, tokenizer, lambda: read_token_counts(
         data_cfg, tokenizer), "counts", cache_dir, open_fn, n_docs=n_docs, seed=seed)
     if counts is None:
@@ -565,8 +554,6 @@ def loader_throughput(source: str, tokenizer, seq_len: int = 512, micro: int = 1
     directory, else the stream with ``workers`` tokenizer processes), after the first batch
     (buffer fill, worker start-up). With ``masker`` the batches are also masked in the loader's
     thread, as the trainer has them (``masker(ids, ones, k)``)."""
-    from ..config import DataConfig
-
     cfg = DataConfig(source=source, max_seq_len=seq_len, shuffle_buffer=shuffle_buffer,
                      encoding_errors=encoding_errors, text_field=text_field, prefetch=prefetch)
     stream = open_pretrain_stream(cfg, tokenizer, micro, seed=0, workers=workers)

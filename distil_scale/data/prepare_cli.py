@@ -1,8 +1,10 @@
 """Command line of launch/prepare_data.py (and the distil-prepare-data console script)."""
+import argparse
 import os
 import sys
 
 from ..errors import UserError, main_guard
+from .shards import PrepareConfig, prepare_shards
 
 # the streaming path names config keys in its errors; this command's user typed flags
 _AS_FLAGS = (("data.encoding_errors=replace", "--encoding-errors replace"),
@@ -12,10 +14,6 @@ _AS_FLAGS = (("data.encoding_errors=replace", "--encoding-errors replace"),
 
 
 def parse_args(argv=None):
-    import argparse
-
-    from .shards import PrepareConfig
-
     d = PrepareConfig()
     p = argparse.ArgumentParser(
         prog="launch/prepare_data.py",
@@ -54,8 +52,6 @@ def parse_args(argv=None):
 def main() -> int:
     args = parse_args()
     from transformers.utils import logging as hf_logging
-
-    from .shards import PrepareConfig, prepare_shards
 
     hf_logging.disable_progress_bar()
     pc = PrepareConfig(source=args.source, tokenizer=args.tokenizer, seq_len=args.seq_len,

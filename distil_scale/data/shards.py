@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import numpy as np
 from ..errors import UserError
 from ..families import FAMILIES, teacher_config
 from ..fsio import RunLock, atomic_write
+from ..hub import load_tokenizer, resolve_model_path
 from .packing import Encoder, Packer, vocab_hash
 from .sources import is_heldout, is_local, iter_texts, open_stream, resolve_source
 
@@ -312,16 +312,6 @@ def _refuse_other_args(out: Path, before: dict, now: dict) -> None:
                             "finish or reuse them, or choose another --out")
 
 
-def _save_atomic_json(path: Path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def _save_atomic_npy(path: Path, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    atomic_write(path, buf.getvalue())
-
-
 @dataclasses.dataclass
 class _Progress:
     rows: int = 0  # source rows consumed (blank and held-out ones included)
@@ -349,8 +339,6 @@ def prepare_shards(pc: PrepareConfig, out, *, workers: int = 0, progress_bar: bo
 def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progress_bar: bool,
                     say) -> dict:
     from tqdm.auto import tqdm
-
-    from ..models import load_tokenizer, resolve_model_path
 
     t_start = time.perf_counter()
     out = Path(out).expanduser()
@@ -454,6 +442,7 @@ def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progres
                 return
 
     def write_shard(block: np.ndarray) -> None:
+        # not fsio.atomic_write: a memmap is filled through its file name, not an open file
         name = f"train-{len(st.shards):05d}.npy"
         tmp = out / (name + ".tmp")
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=block.shape)
@@ -466,6 +455,8 @@ def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progres
     def commit(ds_state: dict) -> None:
         held_f.flush()
         meta = {"config": ident, "progress": {**dataclasses.asdict(st), "ds_state": ds_state}}
+        # not fsio.atomic_write: a fixed temporary name, so a kill mid-write leaves a file the
+        # resumed run's next commit overwrites (a per-process name would be left behind)
         tmp = out / (PROGRESS + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
@@ -526,8 +517,8 @@ def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progres
     # -- finish: held-out set, counts, then the manifest that marks the directory complete ---
     held_raw = np.fromfile(held_path, dtype=dtype).reshape(-1, L)
     assert len(held_raw) == st.heldout_rows
-    _save_atomic_npy(out / HELDOUT, held_raw)
-    _save_atomic_npy(out / COUNTS, counts)
+    atomic_write(out / HELDOUT, lambda f: np.save(f, held_raw))
+    atomic_write(out / COUNTS, lambda f: np.save(f, counts))
     manifest = {
         "format_version": FORMAT_VERSION, "config": ident, "config_hash": config_hash,
         "tokenizer": pc.tokenizer, "tokenizer_path": str(tok_path), "vocab_size": V,
@@ -540,7 +531,7 @@ def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progres
         "train_documents": st.train_docs, "heldout_documents": st.heldout_docs,
         "heldout": {"file": HELDOUT, "n_sequences": st.heldout_rows},
         "token_counts": COUNTS}
-    _save_atomic_json(out / MANIFEST, manifest)
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     for leftover in (PROGRESS, HELDOUT_PARTIAL):
         (out / leftover).unlink(missing_ok=True)
     wall = time.perf_counter() - t_start

@@ -16,7 +16,7 @@ import random
 import zlib
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
@@ -84,8 +84,7 @@ def open_stream(source: str, *, config_name: str = "", split: str = "train",
         try:
             ds = load_dataset(src, config_name or None, split=split, streaming=True)
         except Exception as e:  # the hub raises many types; all mean "cannot open this source"
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise UserError(f"data.source: cannot stream '{src}' ({first}); offline, point "
+            raise UserError(f"data.source: cannot stream '{src}' ({first_line(e)}); offline, point "
                             "data.source at a local txt/jsonl/parquet file or folder") from None
         ds = shuffle_shards(ds, seed)
     return shard_for_rank(ds, rank, world)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import families
 from ..checkpoint import load_torch
 from ..runtime import autocast, resolve_precision
 
@@ -44,16 +45,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The encoder layers (FSDP2 shards each, ``train.compile`` compiles each): DistilBERT's
-    ``transformer.layer``, the BERT-shaped families' ``encoder.layer``."""
-    base = model.mlm.base_model if hasattr(model, "mlm") else model.base_model
-    for path in ("transformer.layer", "encoder.layer"):
-        node = base
-        for part in path.split("."):
-            node = getattr(node, part, None)
-        if isinstance(node, nn.ModuleList):
-            return list(node)
-    raise ValueError(f"no transformer blocks found in {type(model).__name__}")
+    """The encoder layers (FSDP2 shards each, ``train.compile`` compiles each), where the
+    family table says they are; ``model`` is a stock model or a wrapper holding one as
+    ``.mlm``."""
+    return list(families.layers(model.mlm if hasattr(model, "mlm") else model))
 
 
 class Engine:

@@ -28,6 +28,7 @@ from ..config import ConfigError
 from ..distributed import ensure_process_group
 from ..ds_config import refuse_unimplemented
 from ..errors import UserError, plural
+from ..models import rebuild_student
 from ..runtime import amp_dtype
 from .base import Engine, StepResult, param_groups
 
@@ -227,8 +228,6 @@ class DeepSpeedEngine(Engine):
 
     def export_module(self) -> nn.Module | None:
         """Rank 0 gets a fresh unwrapped student holding the fp32 master weights."""
-        from .fsdp import rebuild_student
-
         full = self.full_state_dict()
         return None if full is None else rebuild_student(self.ds.module, full)
 

@@ -21,22 +21,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from ..checkpoint import agree_readable, load_torch_agreed
 from ..errors import first_line
 from ..config import ConfigError
-from .base import Engine, transformer_blocks
 from ..distributed import ensure_process_group
+from ..models import rebuild_student
+from .base import Engine, transformer_blocks
 
 
 class FSDPEngine(Engine):
     name = "fsdp"
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         ensure_process_group(self.device)
         if self.precision == "fp16":
             raise ConfigError("train.precision: fp16 is not supported with parallel.backend="
@@ -51,7 +56,6 @@ class FSDPEngine(Engine):
         return model
 
     def clip_and_norm(self) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
 
         params = [p for p in self.raw_module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
@@ -66,8 +70,6 @@ class FSDPEngine(Engine):
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def save(self, ckpt_dir: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.raw_module, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd},
@@ -76,8 +78,6 @@ class FSDPEngine(Engine):
             torch.save(self._rest(), Path(ckpt_dir) / "engine_rest.pt")
 
     def load(self, ckpt_dir: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         # read and checked before anything changes: dcp.load copies into the live parameters
         # and optimizer states item by item, so a file failing half-way would leave a mixture
@@ -93,8 +93,6 @@ class FSDPEngine(Engine):
 
     def full_state_dict(self) -> dict | None:
         """All ranks gather (a collective); rank 0 gets the full fp32 state on the CPU."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict)
 
         full = get_model_state_dict(
             self.raw_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -112,7 +110,6 @@ def dcp_problem(dcp_dir: Path) -> str | None:
     """Why DCP could not read ``dcp_dir`` back ("dcp/file: why"), or None. DCP keeps no
     checksums; what can be seen before reading is its ``.metadata`` failing to unpickle and a
     file missing or ending before the last item the metadata places in it (a truncation)."""
-    from torch.distributed.checkpoint import FileSystemReader
 
     try:
         storage = FileSystemReader(str(dcp_dir)).read_metadata().storage_data or {}
@@ -132,27 +129,3 @@ def dcp_problem(dcp_dir: Path) -> str | None:
                     f"byte {end})")
     return None
 
-
-def rebuild_student(module: nn.Module, full_state: dict) -> nn.Module:
-    """A new unwrapped StudentForDistillation on CPU holding ``full_state`` (as fp32).
-
-    The same stock class as the trained student (from the family table, not ``type()``: a
-    sharded module's class is a generated FSDP subclass), wrapped as it was (its projection to
-    the teacher's width included); the export saves ``.mlm`` only."""
-    from ..families import family_of
-    from ..models import StudentForDistillation
-
-    fam = family_of(module.mlm.config)
-    student = StudentForDistillation(fam.cls()(module.mlm.config),
-                                     **getattr(module, "spec", {}))
-    missing, unexpected = student.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in full_state.items()},
-        strict=False)
-    # a tied tensor may come under either of its names; tie_weights restores the other
-    ties = [{f"mlm.{n}" for n in pair} for pair in fam.tied_pairs(student.mlm)]
-    untied = set(missing) - set().union(*ties)
-    if unexpected or untied or any(t <= set(missing) for t in ties):
-        raise RuntimeError(f"student export: missing {sorted(missing)}, "
-                           f"unexpected {sorted(unexpected)}")
-    student.mlm.tie_weights()
-    return student

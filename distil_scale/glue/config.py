@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from ..assets import CONFIGS
 from ..config import ConfigError, deep_merge, from_dict, parse_overrides, read_yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "glue"
+CONFIG_DIR = CONFIGS / "glue"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .tasks import Task, layout_for
 
 Label = Union[int, float]
@@ -108,9 +108,8 @@ def read_hub(task: Task, dataset_id: str = "nyu-mll/glue") -> dict[str, list[Exa
 
         ds = datasets.load_dataset(dataset_id, task.name)
     except Exception as e:  # offline, no cache, no such dataset: all one line for the user
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"could not load '{dataset_id}' config '{task.name}' from the hub "
-                        f"({type(e).__name__}: {first}); pass --data-dir DIR with a local GLUE "
+                        f"({first_line(e, typed=True)}); pass --data-dir DIR with a local GLUE "
                         f"copy (e.g. --data-dir ../shared/data/glue)") from None
     fa, fb = task.hub_fields
     out = {}

@@ -14,7 +14,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..config import to_dict
 from .config import GlueConfig
-from ..models import load_tokenizer, resolve_model_path
+from ..hub import load_tokenizer, resolve_model_path
+from ..losses import soft_target_kl
 from .modeling import load_for_finetune, load_teacher, same_vocab, student_from_teacher
 from .runner import (Prepared, claimed_runtime, default_out_dir, encode, fmt_metrics, log,
                      make_collate, model_inputs, prepare_data, run_seeds, score)
@@ -49,9 +50,7 @@ class TaskDistillLoss:
             kd = F.mse_loss(s_logits.squeeze(-1), t_logits.squeeze(-1))
             task = F.mse_loss(s_logits.squeeze(-1), labels.float())
         else:
-            T = self.T
-            kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
-                          log_target=True, reduction="batchmean") * (T * T)
+            kd = soft_target_kl(s_logits, t_logits, self.T)
             task = F.cross_entropy(s_logits, labels)
         total = self.alpha * kd + (1 - self.alpha) * task
         parts = {"kd": kd.detach(), "task": task.detach()}

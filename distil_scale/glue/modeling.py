@@ -11,8 +11,11 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
+from ..errors import UserError, first_line
+from .. import families
 from ..families import FAMILIES, supported
+from ..hub import hub_error
+from ..models import even_layer_map
 from .tasks import Task
 
 # parameters of a sequence-classification head (BERT: pooler + classifier; DistilBERT:
@@ -26,12 +29,6 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def _hub_error(flag: str, spec: str, e: Exception) -> UserError:
-    first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-    return UserError(f"{flag}: could not load '{spec}' ({type(e).__name__}: {first}); pass a "
-                     f"local model directory when offline")
 
 
 def _label_kwargs(task: Task) -> dict:
@@ -55,7 +52,7 @@ def check_encoder(path: str, flag: str) -> None:
     try:
         model_type = AutoConfig.from_pretrained(path).model_type
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag}: cannot load '{path}' ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{flag}: cannot load '{path}' ({first_line(e, 160)})") from None
     if model_type not in FAMILIES:
         raise UserError(f"{flag}: '{path}' is a '{model_type}' model; GLUE fine-tuning here "
                         f"takes an encoder of one of: {supported()}")
@@ -72,10 +69,9 @@ def _load_classifier(path: str, flag: str, **kwargs):
             path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         if Path(path).is_dir():
-            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"{flag}: cannot load '{path}' as a sequence classifier "
-                            f"({first})") from None
-        raise _hub_error(flag, path, e) from None
+                            f"({first_line(e)})") from None
+        raise hub_error(flag, path, e) from None
 
 
 def load_for_finetune(path: str, task: Task, flag: str = "--model"):
@@ -118,9 +114,6 @@ def num_layers(config) -> int:
     return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers"))
 
 
-_LAYER = re.compile(r"^(.*\.(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
-
-
 def student_from_teacher(teacher, layers: Optional[list[int]], init: str, seed: int):
     """A student of the teacher's class and width with fewer layers.
 
@@ -129,8 +122,6 @@ def student_from_teacher(teacher, layers: Optional[list[int]], init: str, seed: 
     spread as pretraining spreads it (``models.even_layer_map``: 0,2,4,7,9,11 of 12, as the
     DistilBERT paper; 0,2,5 of 6), so a task-distilled student and a pretrained one match.
     """
-    from ..models import even_layer_map
-
     import copy
 
     import torch
@@ -148,13 +139,16 @@ def student_from_teacher(teacher, layers: Optional[list[int]], init: str, seed: 
     student = type(teacher)(cfg)
     if init == "random":
         return student, layers
-    t_sd = teacher.state_dict()
-    s_sd = {}
-    for key in student.state_dict():
-        m = _LAYER.match(key)
-        src = f"{m.group(1)}{layers[int(m.group(2))]}{m.group(3)}" if m else key
-        s_sd[key] = t_sd[src].detach().clone()
-    student.load_state_dict(s_sd)
+    # everything but the layers under the same names (embeddings, pooler, classifier), then
+    # each student layer from its teacher layer, found through the family table
+    s_keys = set(student.state_dict())
+    missing, _ = student.load_state_dict(
+        {k: v.detach().clone() for k, v in teacher.state_dict().items() if k in s_keys},
+        strict=False)
+    assert not missing, missing  # same class and width: every key has a teacher tensor
+    s_layers, t_layers = families.layers(student), families.layers(teacher)
+    for s_idx, t_idx in enumerate(layers):
+        s_layers[s_idx].load_state_dict(t_layers[t_idx].state_dict())
     return student, layers
 
 

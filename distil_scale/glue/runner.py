@@ -9,6 +9,7 @@ the same metric and only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import os
@@ -21,12 +22,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import UserError
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from .. import runtime
 from ..config import dump_yaml
+from ..distributed import from_rank0
+from ..ds_config import read_ds_json, reconcile
+from ..engine import engine_class
+from ..engine.deepspeed import zero_stage
+from ..errors import UserError
 from ..fsio import atomic_write, claim_output_dir, replace_dir
+from ..hub import load_tokenizer, resolve_model_path
+from ..metrics import MetricsLogger
+from ..train.step import Window, mean_over_ranks, nonfinite_run, train_step
 from . import metrics as M
 from .config import GlueConfig
 from .data import Example, Splits, load_raw, make_splits
+from .modeling import check_encoder, load_for_finetune
 from .tasks import Task
 
 
@@ -37,17 +52,14 @@ from .tasks import Task
 def setup_runtime(cfg: GlueConfig):
     """Join the launcher's process group (torchrun, deepspeed, accelerate launch) and resolve
     device and precision once; ``parallel.backend=auto`` is ddp under a launcher, else plain."""
-    from .. import runtime
-
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "plain"
     ds = None
     if backend == "deepspeed":
-        from ..ds_config import read_ds_json
-
         ds = read_ds_json(cfg.parallel.ds_config, "parallel.ds_config")
-    rt = runtime.resolve(backend=backend, precision=cfg.train.precision, ds_config=ds)
+    rt = runtime.resolve(engine=engine_class(backend), precision=cfg.train.precision,
+                         ds_config=ds)
     return rt, backend, ds
 
 
@@ -69,8 +81,6 @@ def encode(tokenizer, examples: list[Example], max_length: int) -> list[dict]:
 
 
 def make_collate(pad_id: int, regression: bool):
-    import torch
-
     def collate(rows: list[dict]) -> dict:
         n = max(len(r["input_ids"]) for r in rows)  # pad to the batch's longest, not to 128
         out = {}
@@ -113,9 +123,6 @@ class FinetuneLoss:
 
 def predict(model, rows: list[dict], collate, d, batch_size: int, regression: bool) -> list:
     """Predictions for every row, in order; each rank scores rows rank, rank+world, ..."""
-    import torch
-    import torch.distributed as dist
-
     mine = list(range(d.rank, len(rows), d.world))
     preds = []
     model.eval()
@@ -182,12 +189,6 @@ def prepare_data(task: Task, cfg: GlueConfig) -> Splits:
 def make_engine(prep: Prepared, cfg: GlueConfig, model, total_steps: int, rt):
     """The pretraining engines, for fine-tuning: every backend, precision (with fp16 loss
     scaling) and the non-finite guard reach GLUE runs too."""
-    import copy
-
-    from ..engine import engine_class
-    from ..engine.deepspeed import zero_stage
-    from ..ds_config import reconcile
-
     tc = cfg.train
     kw = {}
     if prep.ds is not None:
@@ -238,16 +239,11 @@ class Steps:
     under the pretraining loop's metric names."""
 
     def __init__(self, engine, loss_fn, cfg: GlueConfig, d, metrics):
-        from ..train.loop import Window
-
         self.engine, self.loss_fn, self.d, self.metrics = engine, loss_fn, d, metrics
         self.limit = cfg.train.max_nonfinite_steps
         self.step, self.nonfinite, self.window = 0, 0, Window()
 
     def __call__(self, batch: dict):
-        from ..train.loop import mean_over_ranks
-        from ..train.step import nonfinite_run, train_step
-
         t0 = time.perf_counter()
         out = train_step(self.engine, lambda: batch, 1, self.loss_fn)
         self.step += 1
@@ -269,8 +265,6 @@ class Steps:
 
 def train_epoch(steps: Steps, loader, epoch: int, cfg: GlueConfig) -> float:
     """One pass over the training split; the mean training loss over every rank."""
-    import torch
-    from tqdm.auto import tqdm
 
     d = steps.d
     # summed on the device; .item() only at the log interval (it syncs a GPU)
@@ -296,14 +290,6 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
     """Train with ``seed`` on the engine; select the best epoch on the selection split; report;
     write ``results.json``, metrics.jsonl and TensorBoard events (rank 0).
     ``build_model(seed)`` returns (model, description dict)."""
-    import copy
-
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from ..distributed import from_rank0
-    from ..metrics import MetricsLogger
-
     task, splits, tc = prep.task, prep.splits, cfg.train
     t0 = time.time()
     torch.manual_seed(seed)
@@ -509,9 +495,6 @@ def default_out_dir(task: Task, model_spec: str, suffix: str = "") -> Path:
 
 
 def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
-    from ..models import load_tokenizer, resolve_model_path
-    from .modeling import check_encoder, load_for_finetune
-
     out_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else \
         default_out_dir(task, model_spec)
     with claimed_runtime(cfg, out_dir, task, "finetune") as (d, backend, ds):

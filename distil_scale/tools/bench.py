@@ -54,19 +54,22 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from ..errors import UserError, main_guard
+from ..errors import UserError, first_line, main_guard
 from ..assets import BERT_UNCASED
 from ..config import DataConfig, LossConfig, MaskingConfig, StudentConfig
-from ..data.loader import BatchLoader, PretrainStream
+from ..data.loader import BatchLoader, PretrainStream, is_shard_dir, loader_throughput
 from ..data.masking import MaskedBatch, make_masker
 from ..data.sources import is_heldout, iter_texts, open_from_config
+from ..data.shards import PrepareConfig, prepare_shards
 from ..engine.base import Engine, param_groups
 from ..families import load_mlm
+from ..glue.data import read_tsv
+from ..glue.tasks import get_task
+from ..hub import load_tokenizer, resolve_model_path
 from ..losses import LossWeights, VocabTargets, fused_vocab_loss, mlm_chunk_bounds, soft_target_kl
-from ..metrics import (datasheet_tflops, encoder_flops_per_token, head_flops_per_position,
-                       matmul_peak_size, measure_matmul_peak)
-from ..models import (build_student, count_params, load_tokenizer, resolve_model_path,
-                      wrap_for_distillation)
+from ..metrics import (datasheet_tflops, distill_flops_per_token, encoder_flops_per_token,
+                       head_flops_per_position, matmul_peak_size, measure_matmul_peak)
+from ..models import build_student, count_params, wrap_for_distillation
 from ..runtime import (fused_chunk_rows, resolve_attention, resolve_precision,
                        resolve_teacher_dtype)
 from ..train import distill_step, train_step
@@ -839,8 +842,6 @@ def h100_demand_tokens_s(seq_len: int = DATA_SEQ, mfu: float = 0.45,
     """The arithmetic behind ``H100_DEMAND_TOKENS_S`` (BERT-base -> 6-layer student)."""
     from transformers import BertConfig, DistilBertConfig
 
-    from ..metrics import distill_flops_per_token
-
     per_token = distill_flops_per_token(BertConfig(), DistilBertConfig(n_layers=6), seq_len,
                                         head_fraction)
     return mfu * peak_flops / per_token
@@ -851,9 +852,6 @@ def data_bench(args, tokenizer, say) -> int:
     prepared shards (launch/prepare_data.py's format, read by ShardStream) and the streaming
     path (tokenizing in ``--workers`` processes); no models."""
     import tempfile
-
-    from ..data.loader import is_shard_dir, loader_throughput
-    from ..data.shards import PrepareConfig, prepare_shards
 
     seq = DATA_SEQ
     if args.seq:
@@ -933,9 +931,6 @@ INFER_WARMUP = 8  # untimed batch-1 forwards per model (and 2 at the large batch
 
 def stsb_pairs(glue_dir: str, limit: int = 0) -> list[tuple[str, str]]:
     """The STS-B dev sentence pairs (1,500), in file order; the first ``limit`` when > 0."""
-    from ..glue.data import read_tsv
-    from ..glue.tasks import get_task
-
     task = get_task("stsb")
     path = os.path.join(glue_dir, task.dir_name, "dev.tsv")
     if not os.path.isfile(path):
@@ -971,7 +966,7 @@ def inference_model(role: str, path: str, attn: str, device: torch.device, dtype
             cfg = AutoConfig.from_pretrained(local)
         except (OSError, ValueError) as e:
             raise UserError(f"--{role}: cannot load '{path}' "
-                            f"({str(e).splitlines()[0][:160]})") from None
+                            f"({first_line(e, 160)})") from None
         if getattr(cfg, "vocab_size", 0) < min_vocab:
             raise UserError(f"--{role}: '{path}' has a {cfg.vocab_size}-token vocabulary; the "
                             f"bench tokenizes with the {min_vocab}-token BERT uncased one")

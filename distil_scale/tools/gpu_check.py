@@ -41,11 +41,17 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from ..assets import BERT_UNCASED
+from ..assets import BERT_UNCASED, CONFIGS
+from ..config import load_config
+from ..distributed import ensure_process_group
+from ..ds_config import load_ds_config
+from ..errors import UserError, first_line
+from ..fsio import atomic_write
 from ..runtime import MEMORY_CAP_ENV
+from .plan import RESERVE_GIB, GiB, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
-PAPER = REPO / "configs" / "paper.yaml"
+PAPER = CONFIGS / "paper.yaml"
 PRETRAIN = REPO / "launch" / "pretrain.py"
 BENCH = REPO / "launch" / "bench.py"
 SELF = REPO / "launch" / "gpu_check.py"
@@ -198,8 +204,6 @@ def zero_grad_accum_error(ds_sections: dict, precision: str, device, n_micro: in
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision: fp16 needs a CUDA device (DeepSpeed refuses fp16 on CPU); "
                          "use bf16")
-    from ..distributed import ensure_process_group
-
     ensure_process_group(device, deepspeed=True)
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
@@ -281,7 +285,7 @@ def _zero_child(spec_path: str) -> int:
             out["error"] = zero_grad_accum_error(row["sections"], row["precision"],
                                                  spec["device"], spec["n_micro"])
         except Exception as e:  # one row's failure is a result, the others still run
-            out["failure"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            out["failure"] = first_line(e, 10**6, typed=True)
         print(ZERO_ROW + json.dumps(out), flush=True)
     return 0
 
@@ -508,10 +512,6 @@ def torch_profile(ctx: Ctx, precision: str) -> Path:
 
 
 def planned_gib(ctx: Ctx, ov: list[str], ds_path: Path) -> float:
-    from ..config import load_config
-    from ..ds_config import load_ds_config
-    from .plan import GiB, make_plan
-
     cfg = load_config(str(PAPER), ov)
     ds = load_ds_config(str(ds_path), cfg, 1)
     return make_plan(cfg, ds, gpus=1, nodes=1, gpu_mem_gib=ctx.gpu_mem_gib).total / GiB
@@ -540,10 +540,6 @@ def read_run(out: Path) -> list[dict]:
         if ln.strip():
             rows.append(json.loads(ln))  # json reads NaN/Infinity, which a diverged run logs
     return rows
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 _PEAK = re.compile(r"^mfu peak: ([0-9.eE+-]+) TFLOP/s", re.M)
@@ -585,7 +581,7 @@ def run_case(ctx: Ctx, case: Case, precision: str, say) -> CaseResult:
     try:
         _run_case(ctx, r)
     except Exception as e:  # guarded: the check goes on with the next case
-        r.status, r.detail = "failed", f"gpu_check: {_first_line(e)}"
+        r.status, r.detail = "failed", f"gpu_check: {first_line(e, 10**6, typed=True)}"
     say(f"gpu_check: {case.label} {precision}: {r.status}"
         + (f" ({r.detail})" if r.detail else "")
         + (f", {r.step_s:.3f} s/step, peak {r.peak_gib:.2f} GiB (plan {r.planned_gib:.2f})"
@@ -619,7 +615,7 @@ def _run_case(ctx: Ctx, r: CaseResult) -> None:
     try:
         r.planned_gib = planned_gib(ctx, overrides(ctx, case, precision, out), ds_path)
     except Exception as e:  # the plan is a column, not a reason to skip the run
-        r.detail = f"plan: {_first_line(e)}"
+        r.detail = f"plan: {first_line(e, 10**6, typed=True)}"
     if ctx.deadline - time.monotonic() < MIN_START_S * (2 if case.resume else 1):
         r.status, r.detail = "skipped", BUDGET_SKIP
         return
@@ -696,7 +692,7 @@ def prebuild_ops(ctx: Ctx, say) -> str:
                               min(BUILD_TIMEOUT_S, left))
     except Exception as e:
         rc, wall = -1, 0.0
-        (log / "stderr.log").write_text(_first_line(e) + "\n")
+        (log / "stderr.log").write_text(first_line(e, 10**6, typed=True) + "\n")
     if rc is None:
         clear_build_locks(ctx.env)
     what = ("built or found cached" if rc == 0 else
@@ -822,8 +818,6 @@ def _pct(x: float) -> str:
 
 
 def case_table(results: list[CaseResult], datasheet_tflops: float = math.nan) -> list[str]:
-    from .plan import RESERVE_GIB
-
     head = ["case", "precision", "status", "exit", "s/step", "tokens/s", "MFU (measured peak)",
             "MFU (datasheet)", "peak GiB", "reserved GiB", "planned GiB",
             f"peak / (planned − {RESERVE_GIB:g})", "data wait", "loss scale", "skipped steps",
@@ -981,9 +975,7 @@ def write_report(rep: Report) -> None:
         cmd, body, status = rep.bench
         lines += [f"`{cmd}`: {status}", "", "```", *body, "```", ""]
     rep.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rep.path.with_name(rep.path.name + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, rep.path)  # a reader (or a kill) never sees half a report
+    atomic_write(rep.path, "\n".join(lines))  # a reader (or a kill) never sees half a report
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -1026,8 +1018,6 @@ def parse_args(argv=None):
 
 
 def _pick(value: str, allowed, flag: str) -> tuple[str, ...]:
-    from ..errors import UserError
-
     picked = tuple(v.strip() for v in value.split(",") if v.strip())
     for v in picked:
         if v not in allowed:
@@ -1069,8 +1059,6 @@ def main(argv=None) -> int:
     precisions = (_pick(args.precisions, ("bf16", "fp16"), "--precisions")
                   or (("bf16",) if args.quick or args.cpu_smoke else ()))
     if args.cpu_smoke and "fp16" in precisions:
-        from ..errors import UserError
-
         raise UserError("--precisions: fp16 needs a CUDA device; use bf16 with --cpu-smoke")
     plan = plan_for(shapes, cases, precisions, args.bench, args.zero)
     info = device_info(args.cpu_smoke)
@@ -1107,11 +1095,12 @@ def main(argv=None) -> int:
                     want = rep.results[slot - 1]
                     rep.results[slot - 1] = run_case(ctx, want.case, want.precision, say)
             except Exception as e:  # guarded like the cases: the next part still runs
-                say(f"gpu_check: {part}: failed ({_first_line(e)})")
+                why = first_line(e, 10**6, typed=True)
+                say(f"gpu_check: {part}: failed ({why})")
                 if part == "bench":
-                    rep.bench = ("launch/bench.py", [], f"failed: {_first_line(e)}")
+                    rep.bench = ("launch/bench.py", [], f"failed: {why}")
                 elif part == "zero":
-                    rep.znote = f"the ZeRO check failed: {_first_line(e)}"
+                    rep.znote = f"the ZeRO check failed: {why}"
             rep.write()
     finally:
         # the random teacher is ~0.5 GB at GPU shapes; the logs and metrics stay

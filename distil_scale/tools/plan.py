@@ -18,12 +18,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..assets import CONFIGS
 from ..config import ConfigError, load_config
+from ..ds_config import load_ds_config
+from ..engine.deepspeed import DeepSpeedEngine, zero_stage
+from ..errors import UserError, first_line
+from ..families import family_of
+from ..hub import resolve_model_path
+from ..models import count_params, student_config
 from ..runtime import fused_chunk_rows, resolve_attention
 
 GiB = 2 ** 30
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PAPER = os.path.join(REPO, "configs", "paper.yaml")
+PAPER = str(CONFIGS / "paper.yaml")
 # CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation: not computable, assumed
 RESERVE_GIB = 1.0
 
@@ -80,9 +86,6 @@ class Plan:
 def teacher_config(name_or_path: str):
     from transformers import AutoConfig, BertConfig
 
-    from ..errors import UserError
-    from ..models import resolve_model_path
-
     if name_or_path in KNOWN_TEACHERS and not os.path.isdir(name_or_path):
         return BertConfig(**KNOWN_TEACHERS[name_or_path])
     path = resolve_model_path(name_or_path, weights=False)  # shapes only
@@ -90,7 +93,7 @@ def teacher_config(name_or_path: str):
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"teacher.name_or_path: cannot read the config of '{name_or_path}' "
-                        f"({str(e).splitlines()[0][:120]}); point it at a local model "
+                        f"({first_line(e, 120)}); point it at a local model "
                         "directory") from None
 
 
@@ -107,10 +110,6 @@ def _fmt(n: float) -> str:
 def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
               config_name: str = "", ds_name: str = "") -> Plan:
     from transformers import AutoModelForMaskedLM
-
-    from ..engine.deepspeed import DeepSpeedEngine, zero_stage
-    from ..families import family_of
-    from ..models import count_params, student_config
 
     world = gpus * nodes
     tconf = teacher_config(cfg.teacher.name_or_path)
@@ -287,8 +286,6 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
 
 
 def main(argv=None) -> int:
-    from ..ds_config import load_ds_config
-
     p = argparse.ArgumentParser(
         prog="launch/plan.py",
         description="Per-GPU memory plan of a DeepSpeed profile with a YAML config; the last "

@@ -24,10 +24,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..assets import CONFIGS
+from ..config import load_config
 from ..errors import UserError, main_guard
+from ..glue.config import load_glue_config
+from ..glue.distill import distill_task
+from ..glue.runner import finetune
+from ..glue.tasks import get_task
+from ..train import train
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = CONFIGS / "demo.yaml"
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
 
@@ -82,9 +89,6 @@ def pretrain_cell(out: Path, v: Variant, b: Budget, overrides: list[str]) -> dic
     done = out / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
-    from ..config import load_config
-    from ..train import train
-
     cfg = load_config(str(DEMO), [
         f"run.output_dir={out}", f"train.max_steps={b.steps}", f"train.eval_every={b.steps}",
         f"checkpoint.every_steps={max(1, b.steps // 2)}", "metrics.progress_bar=false",
@@ -103,8 +107,6 @@ def pretrain_cell(out: Path, v: Variant, b: Budget, overrides: list[str]) -> dic
 # -- GLUE -------------------------------------------------------------------------------------
 def _glue_cfg(task: str, b: Budget, out: Path, data_dir: str, save_model: bool,
               extra: tuple = ()):
-    from ..glue.config import load_glue_config
-
     return load_glue_config(task, overrides=[
         f"run.output_dir={out}", f"run.seeds={b.seeds}", f"run.save_model={save_model}",
         f"data.data_dir={data_dir}", f"data.max_train_samples={b.max_train}",
@@ -138,10 +140,6 @@ def teacher_model_dir(cell: Path) -> Path:
 
 def run_study(out: Path, b: Budget, overrides: list[str], data_dir: str,
               student_layers: str) -> dict:
-    from ..glue.distill import distill_task
-    from ..glue.runner import finetune
-    from ..glue.tasks import get_task
-
     t0 = time.time()
     pre = {v.name: pretrain_cell(out / "pretrain" / v.name, v, b, overrides) for v in VARIANTS}
     t_info = pre["full"]["teacher"]
@@ -201,8 +199,6 @@ def _cells_wall(res: dict) -> float:
 
 
 def render(res: dict, rows: dict, command: str) -> str:
-    from ..glue.tasks import get_task
-
     tasks = list(res["glue"])
     b = res["budget"]
     full, teacher = rows["full"]["macro"], rows[TEACHER]["macro"]
@@ -336,8 +332,6 @@ def main() -> int:
         key = o.split("=", 1)[0]
         if key in _STUDY_KEYS:
             raise UserError(f"{key}: set by the study ({_STUDY_KEYS[key]}); drop the override")
-    from ..glue.tasks import get_task
-
     for t in b.tasks:
         get_task(t)  # an unknown task is refused before any run
     out = Path(args.out)

@@ -11,7 +11,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 from .. import distributed
 from ..config import Config, dump_yaml
@@ -21,7 +20,7 @@ from ..fsio import replace_dir
 from ..metrics import console_line, peak_memory_gib
 from ..model_card import write_card
 from .setup import Run, build, start
-from .step import StepOutcome, train_step
+from .step import StepOutcome, Window, mean_over_ranks, train_step
 
 
 class TrainingError(RuntimeError):
@@ -137,36 +136,6 @@ def stop_early(run: Run, stop: Stop, step_start: int, again: str) -> dict:
     if run.rt.world > 1:  # each rank says it stopped cleanly: a rank that does not is the one to look at
         print(f"{distributed.who()}: stopped at step {step}, exit 0", flush=True)
     return {"preempted": True, "step": step}
-
-
-class Window:
-    """Loss terms and timings summed since the last log line."""
-
-    def __init__(self):
-        self.last: dict = {}  # the last logged window's losses, for the model card
-        self.reset()
-
-    def reset(self) -> None:
-        self.terms: dict[str, torch.Tensor] = {}
-        self.seconds, self.wait, self.steps = 0.0, 0.0, 0
-
-    def add(self, out: StepOutcome, seconds: float) -> None:
-        for k, v in out.terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + v
-        self.seconds += seconds
-        self.wait += out.wait_s
-        self.steps += 1
-
-
-def mean_over_ranks(terms: dict) -> dict[str, float]:
-    """Loss terms averaged over the data-parallel ranks: the global batch's loss, not rank 0's
-    share of it (one small all-reduce, at the log interval only)."""
-    keys = sorted(terms)
-    t = torch.stack([torch.as_tensor(terms[k]).float() for k in keys])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
 
 
 def log_window(run: Run, w: Window, out: StepOutcome, bar) -> None:

@@ -29,11 +29,11 @@ from ..losses import LossWeights
 from ..metrics import MetricsLogger, distill_flops_per_token, mfu_peak
 from ..families import max_positions, teacher_config
 from ..fsio import RunLock, atomic_write, claim_output_dir
-from ..models import (TeacherForDistillation, build_student, load_tokenizer, resolve_model_path,
-                      wrap_for_distillation)
-from ..teacher import load_teacher
+from ..hub import load_tokenizer, resolve_model_path
+from ..models import TeacherForDistillation, build_student, wrap_for_distillation
 from .state import TrainState, seed_all
 from .step import distill_step
+from .teacher import load_teacher
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 
@@ -201,8 +201,9 @@ class Run:
 
 
 def build(cfg: Config, *, resume: bool, overwrite: bool, ds_config: dict | None) -> Run:
-    rt = runtime.resolve(backend=cfg.parallel.backend, precision=cfg.train.precision,
-                         attn=cfg.train.attn_implementation, teacher_dtype=cfg.teacher.dtype,
+    rt = runtime.resolve(engine=engine_class(cfg.parallel.backend),
+                         precision=cfg.train.precision, attn=cfg.train.attn_implementation,
+                         teacher_dtype=cfg.teacher.dtype,
                          global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
                          ds_config=ds_config, timeout_min=cfg.parallel.timeout_minutes)
     distributed.init_control_group()

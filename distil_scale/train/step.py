@@ -1,5 +1,6 @@
 """One optimizer step, for every loop: pretraining, GLUE fine-tuning, task distillation and
-teacher preparation all go through :func:`train_step` on an engine."""
+teacher preparation all go through :func:`train_step` on an engine, and sum what they log in
+a :class:`Window`."""
 from __future__ import annotations
 
 import time
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from ..engine.base import StepResult
 from ..losses import LossWeights, VocabTargets, distillation_loss, mlm_chunk_bounds
@@ -99,3 +101,33 @@ def nonfinite_run(out: StepOutcome, run: int) -> int:
     if not out.result.skipped:
         return 0
     return run + out.result.diverged(loss_finite=bool(torch.isfinite(out.loss)))
+
+
+class Window:
+    """Loss terms and timings summed since the last log line."""
+
+    def __init__(self):
+        self.last: dict = {}  # the last logged window's losses, for the model card
+        self.reset()
+
+    def reset(self) -> None:
+        self.terms: dict[str, torch.Tensor] = {}
+        self.seconds, self.wait, self.steps = 0.0, 0.0, 0
+
+    def add(self, out: StepOutcome, seconds: float) -> None:
+        for k, v in out.terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v
+        self.seconds += seconds
+        self.wait += out.wait_s
+        self.steps += 1
+
+
+def mean_over_ranks(terms: dict) -> dict[str, float]:
+    """Loss terms averaged over the data-parallel ranks: the global batch's loss, not rank 0's
+    share of it (one small all-reduce, at the log interval only)."""
+    keys = sorted(terms)
+    t = torch.stack([torch.as_tensor(terms[k]).float() for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))

@@ -86,8 +86,8 @@ def test_reference_step_is_the_trainers_objective_over_all_tokens():
 
     from distil_scale.tools import bench
     from distil_scale.losses import LossWeights
-    from distil_scale.models import (StudentForDistillation, TeacherForDistillation,
-                                     load_tokenizer)
+    from distil_scale.hub import load_tokenizer
+    from distil_scale.models import StudentForDistillation, TeacherForDistillation
     from distil_scale.train import distill_step
 
     tok = load_tokenizer(minilm_path())

@@ -89,6 +89,26 @@ def test_shipped_configs_load(tmp_path):
     assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["teacher"]
 
 
+def test_the_package_finds_the_shipped_configs_and_pyproject_lists_every_package():
+    """configs/ reaches a wheel as distil_scale/configs only through pyproject's explicit
+    package list (a found list cannot map it): a package missing there would not be
+    installed."""
+    import tomllib
+
+    from fixtures import REPO
+
+    from distil_scale.assets import CONFIGS
+    from distil_scale.glue.config import CONFIG_DIR
+
+    assert CONFIGS == REPO / "configs" and CONFIG_DIR == REPO / "configs" / "glue"
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(REPO).parts)
+               for p in (REPO / "distil_scale").rglob("__init__.py")}
+    assert set(setup["packages"]) == on_disk | {"distil_scale.configs"}
+    assert setup["package-dir"] == {"distil_scale.configs": "configs"}
+    assert {"demo.yaml", "paper.yaml", "glue"} <= {p.name for p in CONFIGS.iterdir()}
+
+
 def test_console_script_runs_the_launcher():
     """pip install -e . puts distil-pretrain on PATH; it is launch/pretrain.py's main."""
     import subprocess

@@ -6,8 +6,9 @@ from transformers import BertConfig, BertForMaskedLM
 
 from distil_scale.errors import UserError
 from distil_scale.config import StudentConfig
+from distil_scale.hub import resolve_model_path
 from distil_scale.models import (StudentForDistillation, TeacherForDistillation, build_student,
-                                 even_layer_map, resolve_model_path)
+                                 even_layer_map)
 from distil_scale.families import load_mlm
 
 
@@ -257,7 +258,7 @@ def test_one_step_trains_student_and_projection_not_teacher():
 def test_rebuild_student_keeps_projection_and_either_tied_name(drop_tied):
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from distil_scale.engine.fsdp import rebuild_student
+    from distil_scale.models import rebuild_student
     from distil_scale.models import wrap_for_distillation
 
     torch.manual_seed(0)
