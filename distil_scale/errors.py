@@ -71,7 +71,7 @@ def _recorded(fn):
     return record(fn)
 
 
-def _tell_torchrun(e: ConfigError, lines: list[str]) -> None:
+def _tell_torchrun(e: UserError, lines: list[str]) -> None:
     """Write torchrun's error-file format (torch's ErrorHandler.record_exception): the
     summary prints "py_callstack" as the traceback, here the error's lines instead."""
     path = os.environ.get(ERROR_FILE_ENV)

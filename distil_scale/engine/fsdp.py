@@ -56,7 +56,6 @@ class FSDPEngine(Engine):
         return model
 
     def clip_and_norm(self) -> torch.Tensor:
-
         params = [p for p in self.raw_module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
         if isinstance(norm, DTensor):  # a partial sum per rank: the all-reduce happens here
@@ -70,7 +69,6 @@ class FSDPEngine(Engine):
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def save(self, ckpt_dir: Path) -> None:
-
         model_sd, optim_sd = get_state_dict(self.raw_module, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd},
                  checkpoint_id=str(Path(ckpt_dir) / "dcp"))
@@ -78,7 +76,6 @@ class FSDPEngine(Engine):
             torch.save(self._rest(), Path(ckpt_dir) / "engine_rest.pt")
 
     def load(self, ckpt_dir: Path) -> None:
-
         # read and checked before anything changes: dcp.load copies into the live parameters
         # and optimizer states item by item, so a file failing half-way would leave a mixture
         rest = load_torch_agreed(Path(ckpt_dir) / "engine_rest.pt")
