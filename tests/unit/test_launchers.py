@@ -12,6 +12,16 @@ from distil_scale.launchers import (SLURM_PORT_BASE, accelerate_settings, apply_
                                     expand_nodelist, slurm_env)
 
 
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """apply_launcher_env writes os.environ (the process group reads it): every test here
+    leaves it as it found it, or WORLD_SIZE=2 would reach the next test's run."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize("spec, hosts", [
     ("gpu07", ["gpu07"]),
     ("gpu[01-04,07]", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"]),
