@@ -217,3 +217,33 @@ def test_auto_restart_with_overwrite_continues_and_finishes(assets):
     assert resumed >= 4
     m = metrics_by_step(out)
     assert sorted(m)[-1] == STEPS and all(s in m for s in range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_node_local_output_dirs_are_refused_on_every_rank(assets):
+    """Node-local disks under one name: each node's agent starts in a directory of its own and
+    run.output_dir is relative, so the nodes name one path and see two directories. Every rank
+    exits 2 with one line before any data is read."""
+    port = free_port()
+    procs, logs = [], []
+    for node in (0, 1):
+        cwd = assets["d"] / f"local-disk-{node}"
+        cwd.mkdir()
+        logs.append(cwd / "log.txt")
+        procs.append(subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend",
+             "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "local",
+             "--rdzv_conf", f"is_host={int(node == 0)}", SCRIPT,
+             *args(assets, Path("runs/x"), "parallel.backend=ddp")],
+            cwd=cwd, env=env(assets["d"] / f"home-local-{node}"), stdout=open(logs[-1], "w"),
+            stderr=subprocess.STDOUT, start_new_session=True))
+    for p in procs:
+        p.wait(timeout=300)
+    text = "\n".join(p.read_text() for p in logs)
+    line = ("error: run.output_dir: 'runs/x' is not one directory shared by every node: rank 1 "
+            "(node 1,")
+    # rank 0 and rank 1 say the same line (torchrun's summary repeats it as the root cause)
+    assert sum(ln.startswith(line) for ln in text.splitlines()) == 2, text[-4000:]
+    assert "does not see rank 0's files there; put run.output_dir on a filesystem" in text
+    assert not (assets["d"] / "local-disk-0" / "runs" / "x" / "checkpoints").exists()
+    assert not list((assets["d"] / "local-disk-0" / "runs" / "x").glob(".shared-*"))
