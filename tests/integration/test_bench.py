@@ -145,7 +145,7 @@ def test_data_mode_measures_both_paths_on_real_text(tmp_path):
     minilm_path()
     args = ["--data", "--seconds", "0.5", "--seq", "128", "--workers", "1",
             "--data-dir", str(tmp_path / "shards")]
-    r = run_launcher("bench.py", args, timeout=300)
+    r = run_launcher("bench.py", args, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
     m = DATA_LAST.match(lines[-1])
@@ -159,11 +159,11 @@ def test_data_mode_measures_both_paths_on_real_text(tmp_path):
     assert all(cells[4] in ("meets", "MISSES") for cells in rows.values())
     assert (tmp_path / "shards" / "manifest.json").is_file()
     # a second run reuses the prepared directory; one with other arguments is refused
-    r = run_launcher("bench.py", args, timeout=300)
+    r = run_launcher("bench.py", args, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "already complete" in r.stdout and DATA_LAST.match(r.stdout.splitlines()[-1])
     other = [a if a != "128" else "64" for a in args]
-    r = run_launcher("bench.py", other, timeout=300)
+    r = run_launcher("bench.py", other, timeout=1200)
     assert r.returncode != 0 and "--seq: " in r.stderr, r.stderr[-2000:]
 
 def test_h100_demand_constant_is_the_stated_arithmetic():

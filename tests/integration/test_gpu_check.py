@@ -154,7 +154,10 @@ def shadow_deepspeed(root) -> str:
     DeepSpeed (or with its scripts somewhere else) looks like to ``-m deepspeed.launcher``."""
     pkg = root / "shadow" / "deepspeed"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
+    # accelerate (through transformers' save_pretrained) imports DeepSpeedEngine from any
+    # deepspeed it finds installed, for an isinstance check: a class of that name, and nothing
+    # else, keeps this an install whose launcher is missing, not one that breaks every export
+    (pkg / "__init__.py").write_text("class DeepSpeedEngine:\n    pass\n")
     return str(root / "shadow")
 
 
