@@ -148,8 +148,7 @@ class ShardStream:
     consumed-samples counter allows. The state is that global index."""
 
     def __init__(self, data_cfg, tokenizer, micro_batch: int, *, seed: int = 0, rank: int = 0,
-                 world: int = 1, workers: int = 0):
-        # ``workers`` is accepted for the streaming path's signature: shards need no tokenizing
+                 world: int = 1):
         self.dir, m = _open_checked(data_cfg, tokenizer)
         self.manifest = m
         self.micro_batch = micro_batch
