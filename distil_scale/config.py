@@ -307,7 +307,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         (inner,) = typing.get_args(tp)
-        if isinstance(value, str):  # "0,2,4" from the command line
+        if isinstance(value, str):  # "0,2,5" from the command line
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -353,7 +353,7 @@ def _parse_scalar(text: str) -> Any:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["train.lr=1e-4", "student.layers=0,2,4"]`` -> nested dict."""
+    """``["train.lr=1e-4", "student.layers=0,2,5"]`` -> nested dict."""
     out: dict = {}
     for item in items:
         if "=" not in item:

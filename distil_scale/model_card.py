@@ -1,8 +1,9 @@
 """The model card of a pretraining export: ``student/README.md`` in the Hugging Face hub's format
 (YAML front matter, then markdown), built from the resolved config and the run's results.
 
-Pure functions up to :func:`write_card`; :func:`update_section` replaces one ``## `` section of
-a card (``launch/report.py`` keeps a ``## GLUE`` section there) without touching the rest.
+Pure functions up to :func:`write_card` (which reads the mask token from the saved tokenizer);
+:func:`update_section` replaces one ``## `` section of a card (``launch/report.py`` keeps a
+``## GLUE`` section there) without touching the rest.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .hub import reads_as_hub_id
+from .hub import load_tokenizer, reads_as_hub_id
 
 TAGS = ["distillation", "distilbert", "knowledge-distillation", "distil-scale"]
 
@@ -199,10 +200,107 @@ def _describe_data(cfg) -> tuple[list[str], float]:
             "sequences scored."], held
 
 
-def card_body(cfg, results: dict) -> str:
-    s, lc, mk, tr = cfg.student, cfg.loss, cfg.masking, cfg.train
-    n_layers = results.get("n_layers", s.n_layers)
-    params = results.get("params")
+def _loss_line(lc) -> str:
+    """Every term of the objective with its weight, as the config sets it."""
+    kl_where = "every non-padding token" if lc.kl_positions == "all" else "masked tokens only"
+    line = (f"- **Loss**: alpha_ce {lc.alpha_ce:g} × KL(teacher ‖ student at temperature "
+            f"{lc.temperature:g}) × T² + alpha_mlm {lc.alpha_mlm:g} × MLM cross-entropy + "
+            f"alpha_cos {lc.alpha_cos:g} × (1 − cosine) of the last hidden states")
+    line += (f" + alpha_mse {lc.alpha_mse:g} × logit MSE" if lc.alpha_mse else
+             "; alpha_mse 0 (no logit MSE)")
+    if lc.alpha_attn_rel:
+        layer = ("the last teacher layer" if lc.attn_rel_teacher_layer == -1
+                 else f"teacher layer {lc.attn_rel_teacher_layer}")
+        heads = (f"{lc.attn_rel_heads} relation heads" if lc.attn_rel_heads
+                 else "as many relation heads as the teacher has attention heads")
+        line += (f" + alpha_attn_rel {lc.alpha_attn_rel:g} × KL of the self-attention "
+                 f"relations (MiniLMv2: q-q, k-k, v-v) of {layer} and the student's last layer, "
+                 f"{heads}")
+    if lc.alpha_hidden_mse:
+        which = ("every student layer against the teacher layer it was copied from"
+                 if lc.hidden_mse_layers == "mapped" else "the last layer")
+        line += f" + alpha_hidden_mse {lc.alpha_hidden_mse:g} × hidden-state MSE of {which}"
+    return line + f"; kl_positions `{lc.kl_positions}`: KL over {kl_where}."
+
+
+def _recipe(cfg, results: dict, arch: str, n_layers: int, mask_token: str) -> list[str]:
+    s, mk = cfg.student, cfg.masking
+    layers, params = results.get("layers"), results.get("params")
+    if s.init == "teacher":
+        init = (f"initialised from teacher layers {', '.join(map(str, layers))} (embeddings, "
+                "embedding LayerNorm, those layers and the MLM head copied)") if layers else \
+            "initialised from the teacher"
+    else:
+        init = "randomly initialised"
+    width = results.get("dim") or s.dim
+    out = ["## Recipe", "",
+           f"- **Student**: `{arch}`, {n_layers} layers, width {width}"
+           + (f", {params / 1e6:.1f}M parameters" if params else "") + f", {init}; "
+           f"dropout {s.dropout:g}, attention dropout {s.attention_dropout:g}."]
+    out += _describe_teacher(cfg, results)
+    out.append(_loss_line(cfg.loss))
+    out.append(f"- **Masking**: {_share(mk.mlm_prob)} of tokens, {_share(mk.mask_frac)} "
+               f"{mask_token} / {_share(mk.random_frac)} random / {_share(mk.keep_frac)} kept, "
+               f"dynamic; smoothing {mk.smoothing:g}"
+               + (" (uniform)" if mk.smoothing == 0 else
+                  " (masking probability ~ count^-smoothing)") + ".")
+    out.append("- **Position embeddings**: "
+               + ("frozen (the teacher's)." if s.freeze_position_embeddings else "trained."))
+    return out + [""]
+
+
+def _training(cfg, results: dict) -> list[str]:
+    tr = cfg.train
+    micro, glob = tr.micro_batch, tr.global_batch
+    world = results.get("world", 1)
+    accum = results.get("accum", glob // (micro * world))
+    out = ["## Training", "",
+           f"- {results.get('steps', tr.max_steps)} steps; global batch {glob} = micro "
+           f"{micro} × accumulation {accum} × {world} process{'es' if world > 1 else ''}.",
+           f"- AdamW, lr {tr.lr:g}, {tr.warmup_steps} warmup steps then linear decay, weight "
+           f"decay {tr.weight_decay:g}, gradient clipping {tr.max_grad_norm:g}."]
+    prec = results.get("precision", tr.precision)
+    out.append(f"- Precision {prec}" + (" autocast" if prec in ("bf16", "fp16") else "")
+               + ", backend "
+               f"`{results.get('backend', cfg.parallel.backend)}`, world size {world}, seed "
+               f"{cfg.run.seed}.")
+    wall = results.get("wall_s")
+    if wall is not None:
+        start = results.get("start_step", 0)
+        out.append(f"- Wall time {wall:.0f} s"
+                   + (f" (this invocation, resumed at step {start})" if start else "")
+                   + "; the resolved config is in `training_args.yaml`.")
+    return out + [""]
+
+
+def _results(cfg, results: dict) -> list[str]:
+    lc, mk = cfg.loss, cfg.masking
+    out = ["## Results", ""]
+    losses = results.get("losses") or {}
+    if losses:
+        a, b = results.get("loss_window", (None, None))
+        window = f"steps {a}-{b}" if a is not None else "the last logged window"
+        out.append(f"Loss terms, mean over {window}, the last logged window (`loss/total` is "
+                   "the weighted sum, the others raw):")
+        out.append("")
+        keys = ["loss/total", "loss/ce", "loss/mlm", "loss/cos"]
+        keys += [k for k, alpha in (("loss/mse", lc.alpha_mse),
+                                    ("loss/attn_rel", lc.alpha_attn_rel),
+                                    ("loss/hidden_mse", lc.alpha_hidden_mse)) if alpha]
+        out += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                "| " + " | ".join(_num(losses.get(k)) for k in keys) + " |", ""]
+    end_step = results.get("steps", cfg.train.max_steps)
+    out.append(f"Held-out masked-token accuracy ({_share(mk.mlm_prob)} masked, fixed masks):")
+    out.append("")
+    return out + ["| model | accuracy |", "|---|---|",
+                  f"| student, step 0 | {_pct(results.get('acc_start'))} |",
+                  f"| student, step {end_step} | {_pct(results.get('acc_end'))} |",
+                  f"| teacher | {_pct(results.get('teacher_acc'))} |", ""]
+
+
+def card_body(cfg, results: dict, *, mask_token: str) -> str:
+    """``mask_token``: the student tokenizer's (``[MASK]``, RoBERTa's ``<mask>``, ...)."""
+    n_layers = results.get("n_layers", cfg.student.n_layers)
     teacher_name = teacher_hub_id(cfg.teacher.name_or_path) or cfg.teacher.name_or_path
     lic, lic_from = teacher_license(cfg.teacher.name_or_path,
                                     (results.get("teacher") or {}).get("path", ""))
@@ -219,97 +317,29 @@ def card_body(cfg, results: dict) -> str:
     else:
         out += [f"License: `{lic}`, from {lic_from}; the training data's terms may also apply.",
                 ""]
-
-    out += ["## Recipe", ""]
-    layers = results.get("layers")
-    if s.init == "teacher":
-        init = (f"initialised from teacher layers {', '.join(map(str, layers))} (embeddings, "
-                "embedding LayerNorm, those layers and the MLM head copied)") if layers else \
-            "initialised from the teacher"
-    else:
-        init = "randomly initialised"
-    width = results.get("dim") or s.dim
-    out.append(f"- **Student**: `{arch}`, {n_layers} layers, width {width}"
-               + (f", {params / 1e6:.1f}M parameters" if params else "") + f", {init}; "
-               f"dropout {s.dropout:g}, attention dropout {s.attention_dropout:g}.")
-    out += _describe_teacher(cfg, results)
-    kl_where = "every non-padding token" if lc.kl_positions == "all" else "masked tokens only"
-    out.append(f"- **Loss**: alpha_ce {lc.alpha_ce:g} × KL(teacher ‖ student at temperature "
-               f"{lc.temperature:g}) × T² + alpha_mlm {lc.alpha_mlm:g} × MLM cross-entropy + "
-               f"alpha_cos {lc.alpha_cos:g} × (1 − cosine) of the last hidden states"
-               + (f" + alpha_mse {lc.alpha_mse:g} × logit MSE" if lc.alpha_mse else
-                  "; alpha_mse 0 (no logit MSE)")
-               + f"; kl_positions `{lc.kl_positions}`: KL over {kl_where}.")
-    out.append(f"- **Masking**: {_share(mk.mlm_prob)} of tokens, {_share(mk.mask_frac)} [MASK] / "
-               f"{_share(mk.random_frac)} random / {_share(mk.keep_frac)} kept, dynamic; smoothing "
-               f"{mk.smoothing:g}" + (" (uniform)" if mk.smoothing == 0 else
-                                      " (masking probability ~ count^-smoothing)") + ".")
-    out.append("- **Position embeddings**: "
-               + ("frozen (the teacher's)." if s.freeze_position_embeddings else "trained."))
-    out.append("")
-
-    out += ["## Data", ""]
-    data_lines, _ = _describe_data(cfg)
-    out += data_lines + [""]
-
-    out += ["## Training", ""]
-    micro, glob = tr.micro_batch, tr.global_batch
-    world = results.get("world", 1)
-    accum = results.get("accum", glob // (micro * world))
-    out.append(f"- {results.get('steps', tr.max_steps)} steps; global batch {glob} = micro "
-               f"{micro} × accumulation {accum} × {world} process{'es' if world > 1 else ''}.")
-    out.append(f"- AdamW, lr {tr.lr:g}, {tr.warmup_steps} warmup steps then linear decay, weight "
-               f"decay {tr.weight_decay:g}, gradient clipping {tr.max_grad_norm:g}.")
-    prec = results.get("precision", tr.precision)
-    out.append(f"- Precision {prec}" + (" autocast" if prec in ("bf16", "fp16") else "")
-               + ", backend "
-               f"`{results.get('backend', cfg.parallel.backend)}`, world size {world}, seed "
-               f"{cfg.run.seed}.")
-    wall = results.get("wall_s")
-    if wall is not None:
-        start = results.get("start_step", 0)
-        out.append(f"- Wall time {wall:.0f} s"
-                   + (f" (this invocation, resumed at step {start})" if start else "")
-                   + "; the resolved config is in `training_args.yaml`.")
-    out.append("")
-
-    out += ["## Results", ""]
-    losses = results.get("losses") or {}
-    if losses:
-        a, b = results.get("loss_window", (None, None))
-        window = f"steps {a}-{b}" if a is not None else "the last logged window"
-        out.append(f"Loss terms, mean over {window}, the last logged window (`loss/total` is "
-                   "the weighted sum, the others raw):")
-        out.append("")
-        keys = ["loss/total", "loss/ce", "loss/mlm", "loss/cos"]
-        if lc.alpha_mse:
-            keys.append("loss/mse")
-        out += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-                "| " + " | ".join(_num(losses.get(k)) for k in keys) + " |", ""]
-    end_step = results.get("steps", tr.max_steps)
-    out.append(f"Held-out masked-token accuracy ({_share(mk.mlm_prob)} masked, fixed masks):")
-    out.append("")
-    out += ["| model | accuracy |", "|---|---|",
-            f"| student, step 0 | {_pct(results.get('acc_start'))} |",
-            f"| student, step {end_step} | {_pct(results.get('acc_end'))} |",
-            f"| teacher | {_pct(results.get('teacher_acc'))} |", ""]
-
+    out += _recipe(cfg, results, arch, n_layers, mask_token)
+    out += ["## Data", "", *_describe_data(cfg)[0], ""]
+    out += _training(cfg, results)
+    out += _results(cfg, results)
     model_ref = results.get("export_dir", "PATH/TO/student")
     out += ["## Usage", "", "```python", "from transformers import pipeline", "",
             f'fill = pipeline("fill-mask", model="{model_ref}")',
-            'fill("the prime minister said the [MASK] would be announced next week.")',
+            f'fill("the prime minister said the {mask_token} would be announced next week.")',
             "```", ""]
     return "\n".join(out)
 
 
-def card_text(cfg, results: dict) -> str:
+def card_text(cfg, results: dict, *, mask_token: str) -> str:
     meta = yaml.safe_dump(front_matter(cfg, results), sort_keys=False, allow_unicode=True)
-    return f"---\n{meta}---\n\n{card_body(cfg, results)}"
+    return f"---\n{meta}---\n\n{card_body(cfg, results, mask_token=mask_token)}"
 
 
 def write_card(export_dir, cfg, results: dict) -> Path:
+    """The card of the model and tokenizer saved in ``export_dir`` (the tokenizer names the
+    mask token of the card's examples)."""
+    mask_token = load_tokenizer(str(export_dir), "run.output_dir", fast=False).mask_token
     path = Path(export_dir) / "README.md"
-    path.write_text(card_text(cfg, results), encoding="utf-8")
+    path.write_text(card_text(cfg, results, mask_token=mask_token), encoding="utf-8")
     return path
 
 

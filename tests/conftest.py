@@ -8,12 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fixtures import make_tiny_teacher, write_corpus  # noqa: E402
+from fixtures import make_tiny_teacher, minilm_path, write_corpus  # noqa: E402
 
 GROUPS = ("unit", "integration", "multiprocess")
 
@@ -38,3 +39,9 @@ def tiny_teacher(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The demo teacher's tokenizer (all-MiniLM-L6-v2's uncased WordPiece, 30,522 tokens)."""
+    return AutoTokenizer.from_pretrained(minilm_path())

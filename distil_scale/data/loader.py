@@ -39,10 +39,6 @@ class StreamError(RuntimeError):
     """The source kept failing after its retries; the run stops with a resumable checkpoint."""
 
 
-def _tokenize(tokenizer, text: str) -> np.ndarray:
-    return encode(fast_tokenizer(tokenizer), [text])[0]
-
-
 class _Reader:
     """Training documents of the source in order from a position, across epochs, retrying a
     failing source from its last good row.
@@ -211,14 +207,6 @@ class PretrainStream:
         self.sequences_out += self.micro_batch
         return torch.from_numpy(out).long()
 
-    def documents(self):
-        """(text, epoch) of the training documents from the current position, for inspection;
-        it moves the source, so do not mix it with ``next_batch``."""
-        reader = _Reader(self.ds, self.cfg, self._fresh_ds_state, self._pos)
-        while True:
-            poss, texts = reader.chunk(1, 1)
-            yield texts[0], poss[0][2]
-
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         anchor, skip, epoch, epoch_docs = self._pos
@@ -230,28 +218,22 @@ class PretrainStream:
                 "partial": torch.from_numpy(partial), "rng": self.rng.getstate(),
                 "sequences_out": self.sequences_out}
 
-    def load_state_dict(self, sd: dict) -> None:
-        def rows(x) -> np.ndarray:
-            # format 1 (before numpy buffers) saved lists of token lists
-            if isinstance(x, torch.Tensor):
-                a = x.numpy()
-            elif len(x) == 0:
-                a = np.empty((0, self.seq_len), dtype=np.int32)
-            else:
-                a = np.asarray(x, dtype=np.int32).reshape(len(x), -1)
-            if len(a) and a.shape[1] != self.seq_len:
-                raise UserError(f"data.max_seq_len: the checkpoint's data holds sequences of "
-                                f"{a.shape[1]} tokens and this run asks for {self.seq_len}; "
-                                f"resume with data.max_seq_len={a.shape[1]}")
-            return a.astype(np.int32, copy=False)
+    def _rows(self, x: torch.Tensor) -> np.ndarray:
+        a = x.numpy()
+        if len(a) and a.shape[1] != self.seq_len:
+            raise UserError(f"data.max_seq_len: the checkpoint's data holds sequences of "
+                            f"{a.shape[1]} tokens and this run asks for {self.seq_len}; "
+                            f"resume with data.max_seq_len={a.shape[1]}")
+        return a.astype(np.int32, copy=False)
 
-        arr = rows(sd["buffer"])
-        self._pos = (copy.deepcopy(sd["ds"]), sd.get("skip", 0), sd["epoch"], sd["epoch_docs"])
+    def load_state_dict(self, sd: dict) -> None:
+        arr = self._rows(sd["buffer"])
+        self._pos = (copy.deepcopy(sd["ds"]), sd["skip"], sd["epoch"], sd["epoch_docs"])
         self.packer.load_state_dict(sd["packer"])
         self._buf = np.empty((max(len(arr), self._capacity()), self.seq_len), dtype=np.int32)
         self._buf[:len(arr)] = arr
         self._head, self._n = 0, len(arr)
-        self._partial = list(rows(sd.get("partial", [])))
+        self._partial = list(self._rows(sd["partial"]))
         self.rng.setstate(_as_tuple(sd["rng"]))
         self.sequences_out = sd["sequences_out"]
         self._docs = None
@@ -278,10 +260,8 @@ class BatchLoader:
     position now (the trainer marks each step start) and ``state_dict(at=mark)`` also keeps the
     batches handed out since, so a step that failed half-way is read again in full."""
 
-    def __init__(self, stream, prefetch: int = 2, *, workers: int = 0, transform=None):
+    def __init__(self, stream, prefetch: int = 2, *, transform=None):
         self.stream = stream
-        if workers:
-            stream.workers = workers
         self.prefetch = prefetch
         self.transform = transform
         # (batch, epoch, transformed or None) or an exception
@@ -390,20 +370,20 @@ class BatchLoader:
         micro-batch index) is returned."""
         if self._thread is not None or self._handed:
             raise RuntimeError("load_state_dict before the first batch")
+        if sd.get("format") != 2 or "stream" not in sd:
+            raise UserError("--resume: the checkpoint is from an older version of "
+                            "distil-scale (its data position is of format 1); resume it with "
+                            "that version or start a new run.output_dir")
         if redeal:
             start = self.stream.redeal(sd["stream"], unread=len(sd["pending"]))
             self._ready, self._made = collections.deque(), 0
             self._epoch = self.stream.epoch
             return start
-        if sd.get("format", 1) < 2 or "stream" not in sd:
-            self.stream.load_state_dict(sd)  # a loader state of format 1 was the stream's
-            self._ready = collections.deque()
-        else:
-            self.stream.load_state_dict(sd["stream"])
-            self._ready = collections.deque(
-                (b, e, None) for b, e in zip(sd["pending"], sd["pending_epochs"]))
+        self.stream.load_state_dict(sd["stream"])
+        self._ready = collections.deque(
+            (b, e, None) for b, e in zip(sd["pending"], sd["pending_epochs"]))
         self._made = len(self._ready)
-        self._epoch = sd.get("epoch", self.stream.epoch)
+        self._epoch = sd["epoch"]
         return None
 
     def close(self) -> None:

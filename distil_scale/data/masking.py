@@ -36,10 +36,6 @@ class MaskedBatch:
         """Page-locked copies, so the host-to-GPU copies can be asynchronous."""
         return MaskedBatch(*(t.pin_memory() for t in self.__dict__.values()))
 
-    def to(self, device, non_blocking: bool = True) -> "MaskedBatch":
-        return MaskedBatch(*(t.to(device, non_blocking=non_blocking)
-                             for t in self.__dict__.values()))
-
 
 class DynamicMasker:
     def __init__(self, vocab_size: int, special_ids: list[int], mask_id: int, *,
@@ -65,10 +61,6 @@ class DynamicMasker:
         # random replacements come from ordinary tokens only
         self.random_pool = np.flatnonzero(~special)
         self.seed = seed
-
-    @property
-    def token_weight(self) -> torch.Tensor:
-        return torch.from_numpy(self.weight)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  step: int = 0) -> MaskedBatch:

@@ -148,8 +148,7 @@ class ShardStream:
     consumed-samples counter allows. The state is that global index."""
 
     def __init__(self, data_cfg, tokenizer, micro_batch: int, *, seed: int = 0, rank: int = 0,
-                 world: int = 1, workers: int = 0):
-        # ``workers`` is accepted for the streaming path's signature: shards need no tokenizing
+                 world: int = 1):
         self.dir, m = _open_checked(data_cfg, tokenizer)
         self.manifest = m
         self.micro_batch = micro_batch
@@ -327,21 +326,36 @@ def prepare_shards(pc: PrepareConfig, out, *, workers: int = 0, progress_bar: bo
     """Tokenize ``pc.source`` into packed shards under ``out``; returns the manifest. Resumes
     an interrupted preparation with the same arguments; refuses different ones, and a second
     preparation into the same ``out`` while one is running."""
-    held: list[RunLock] = []
-    try:
-        return _prepare_shards(pc, out, held, workers=workers, progress_bar=progress_bar,
-                               say=say)
-    finally:
-        for lock in held:
-            lock.release()
-
-
-def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progress_bar: bool,
-                    say) -> dict:
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     out = Path(out).expanduser()
+    _check_prepare_args(pc, out)
+    # only the vocabulary is read: a tokenizer directory needs no weights
+    tok_path = resolve_model_path(pc.tokenizer, weights=False)
+    tok = load_tokenizer(tok_path)
+    _check_positions(pc, tok_path)
+    ident = _identity(pc, len(tok), vocab_hash(tok))
+    if (out / MANIFEST).is_file():
+        m = json.loads((out / MANIFEST).read_text())
+        _refuse_other_args(out, m.get("config", {}), ident)
+        _remove_leftovers(out)
+        say(f"prepare_data: '{out}' is already complete ({m['n_sequences']} sequences of "
+            f"{pc.seq_len} tokens in {len(m['shards'])} shards); nothing to do")
+        return m
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "--out"):
+        w = _ShardWriter(out, tok, ident, say)
+        rate = _tokenize_into(w, pc, tok, workers=workers, progress_bar=progress_bar)
+        manifest = w.finish(pc, tok_path)
+    st, L = w.st, pc.seq_len
+    n_seq = manifest["n_sequences"]
+    say(f"prepare_data: {out}: {n_seq} sequences of {L} tokens ({n_seq * L:,} tokens, "
+        f"{w.dtype.name}) in {len(st.shards)} shards, {st.heldout_rows} held-out sequences, "
+        f"{st.rows} documents; {rate:,.0f} tokens/s tokenized, "
+        f"{time.perf_counter() - t_start:.1f}s wall")
+    return manifest
+
+
+def _check_prepare_args(pc: PrepareConfig, out: Path) -> None:
     if pc.seq_len < 3:
         raise UserError(f"--seq-len: {pc.seq_len} leaves no room for text between [CLS] and "
                         "[SEP]; use 128 or more")
@@ -351,192 +365,231 @@ def _prepare_shards(pc: PrepareConfig, out, held: list, *, workers: int, progres
         raise UserError(f"--heldout-fraction: {pc.heldout_fraction}; must be in [0, 1)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: '{out}' is a file, not a directory; choose another --out")
-    # only the vocabulary is read: a tokenizer directory needs no weights
-    tok_path = resolve_model_path(pc.tokenizer, weights=False)
-    tok = load_tokenizer(tok_path)
-    V, L = len(tok), pc.seq_len
-    if (Path(tok_path) / "config.json").is_file():
-        config = teacher_config(tok_path)
-        n_pos = FAMILIES[config.model_type].max_positions(config)
-        if L > n_pos:
-            raise UserError(f"--seq-len: {L} exceeds the {n_pos} positions of the model in "
-                            f"'{pc.tokenizer}'; a run could not read these shards: lower it")
-    dtype = token_dtype(V)
-    ident = _identity(pc, V, vocab_hash(tok))
-    config_hash = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
-    # -- what is in ``out`` already ----------------------------------------------------------
-    if (out / MANIFEST).is_file():
-        m = json.loads((out / MANIFEST).read_text())
-        _refuse_other_args(out, m.get("config", {}), ident)
-        for leftover in (PROGRESS, HELDOUT_PARTIAL):
-            (out / leftover).unlink(missing_ok=True)
-        say(f"prepare_data: '{out}' is already complete ({m['n_sequences']} sequences of {L} "
-            f"tokens in {len(m['shards'])} shards); nothing to do")
-        return m
-    out.mkdir(parents=True, exist_ok=True)
-    held.append(RunLock(out, "--out"))
-    held[-1].acquire()
-    st = _Progress()
-    counts = np.zeros(V, dtype=np.int64)
-    carry = np.empty((0, L), dtype=np.int32)
-    packer = Packer(L, tok.cls_token_id, tok.sep_token_id)
-    held_packer = Packer(L, tok.cls_token_id, tok.sep_token_id)
-    if (out / PROGRESS).is_file():
+
+def _check_positions(pc: PrepareConfig, tok_path: str) -> None:
+    """A run could not read sequences longer than the model's positions: refused here."""
+    if not (Path(tok_path) / "config.json").is_file():
+        return  # a tokenizer without a model: nothing to check against
+    config = teacher_config(tok_path)
+    n_pos = FAMILIES[config.model_type].max_positions(config)
+    if pc.seq_len > n_pos:
+        raise UserError(f"--seq-len: {pc.seq_len} exceeds the {n_pos} positions of the model "
+                        f"in '{pc.tokenizer}'; a run could not read these shards: lower it")
+
+
+def _remove_leftovers(out: Path) -> None:
+    for leftover in (PROGRESS, HELDOUT_PARTIAL):
+        (out / leftover).unlink(missing_ok=True)
+
+
+def _chunks(rows, ds, heldout_fraction: float, max_docs: int | None, done: int):
+    """The source's rows in chunks of up to 256 rows or 256 KiB of text (``done`` rows were
+    consumed before): ((rows consumed after the chunk, the source's state then, a held-out flag
+    per text), the non-blank texts)."""
+    while max_docs is None or done < max_docs:
+        limit = 256 if max_docs is None else min(256, max_docs - done)
+        texts, held, n, chars, ended = [], [], 0, 0, False
+        while n < limit and chars < 1 << 18:
+            try:
+                text = next(rows)
+            except StopIteration:
+                ended = True
+                break
+            n += 1
+            if text.strip():
+                texts.append(text)
+                held.append(is_heldout(text, heldout_fraction))
+                chars += len(text)
+        if n:
+            done += n
+            yield (done, copy.deepcopy(ds.state_dict()), held), texts
+        if ended or not n:
+            return
+
+
+class _ShardWriter:
+    """What a preparation into ``out`` has committed and the writing of it: training shards,
+    the held-out file, the token counts, and ``progress.npz`` after each shard (a re-run with
+    the same arguments starts from it)."""
+
+    def __init__(self, out: Path, tok, ident: dict, say):
+        self.out, self.ident = out, ident
+        self.L, V = ident["seq_len"], ident["vocab_size"]
+        self.dtype = np.dtype(ident["dtype"])
+        self.st = _Progress()
+        self.counts = np.zeros(V, dtype=np.int64)
+        # packed training sequences not yet in a shard: ``carry`` is committed, the rest not
+        self.carry = np.empty((0, self.L), dtype=np.int32)
+        self.packer = Packer(self.L, tok.cls_token_id, tok.sep_token_id)
+        self.held_packer = Packer(self.L, tok.cls_token_id, tok.sep_token_id)
+        if (out / PROGRESS).is_file():
+            self._resume(say)
+        else:
+            others = sorted(p.name for p in out.iterdir() if not _OURS.match(p.name))
+            if others:
+                raise UserError(f"--out: '{out}' holds other files ({others[0]}, ...); point "
+                                "--out at a new or empty directory")
+        self.pending = [self.carry] if len(self.carry) else []
+        self.n_pending = len(self.carry)
+        self.held_path = out / HELDOUT_PARTIAL
+        self.held_f = None
+        self._truncate_heldout()
+
+    def _resume(self, say) -> None:
+        out = self.out
         with np.load(out / PROGRESS) as z:
             meta = json.loads(bytes(z["meta"]).decode())
-            _refuse_other_args(out, meta["config"], ident)
-            counts = z["counts"].copy()
-            carry = z["carry"].astype(np.int32)
-            packer.load_state_dict({"buffer": z["packer"]})
-            held_packer.load_state_dict({"buffer": z["held_packer"]})
-        st = _Progress(**meta["progress"])
-        missing = [s["file"] for s in st.shards if not (out / s["file"]).is_file()]
+            _refuse_other_args(out, meta["config"], self.ident)
+            self.counts = z["counts"].copy()
+            self.carry = z["carry"].astype(np.int32)
+            self.packer.load_state_dict({"buffer": z["packer"]})
+            self.held_packer.load_state_dict({"buffer": z["held_packer"]})
+        self.st = _Progress(**meta["progress"])
+        missing = [s["file"] for s in self.st.shards if not (out / s["file"]).is_file()]
         if missing:
             raise UserError(f"--out: '{out}' lost {missing[0]} since it was written; delete "
                             "the directory and prepare it again")
-        say(f"prepare_data: resuming '{out}' at document {st.rows} ({len(st.shards)} shards "
-            "written)")
-    else:
-        others = sorted(p.name for p in out.iterdir() if not _OURS.match(p.name))
-        if others:
-            raise UserError(f"--out: '{out}' holds other files ({others[0]}, ...); point --out "
-                            "at a new or empty directory")
-    held_path = out / HELDOUT_PARTIAL
-    committed = st.heldout_rows * L * dtype.itemsize
-    with open(held_path, "ab"):
-        pass
-    if held_path.stat().st_size < committed:
-        raise UserError(f"--out: '{held_path}' is shorter than its committed {st.heldout_rows} "
-                        "sequences; delete the directory and prepare it again")
-    os.truncate(held_path, committed)  # drop what was written after the last commit
+        say(f"prepare_data: resuming '{out}' at document {self.st.rows} "
+            f"({len(self.st.shards)} shards written)")
 
-    # -- the source, from where the last commit left it --------------------------------------
+    def _truncate_heldout(self) -> None:
+        """Drop what was written to the held-out file after the last commit."""
+        committed = self.st.heldout_rows * self.L * self.dtype.itemsize
+        with open(self.held_path, "ab"):
+            pass
+        if self.held_path.stat().st_size < committed:
+            raise UserError(f"--out: '{self.held_path}' is shorter than its committed "
+                            f"{self.st.heldout_rows} sequences; delete the directory and "
+                            "prepare it again")
+        os.truncate(self.held_path, committed)
+
+    def add(self, docs: list, held: list[bool]) -> int:
+        """Pack one chunk's token ids, held-out documents to their file; returns its tokens."""
+        st, train_ids, n_tokens = self.st, [], 0
+        for doc, h in zip(docs, held):
+            if h:
+                seqs = self.held_packer.add(doc)
+                self.held_f.write(to_dtype(seqs, self.dtype).tobytes())
+                st.heldout_rows += len(seqs)
+                st.heldout_docs += 1
+            else:
+                seqs = self.packer.add(doc)
+                self.pending.append(seqs)
+                self.n_pending += len(seqs)
+                train_ids.append(doc)
+                st.train_docs += 1
+            n_tokens += len(doc)
+        if train_ids:
+            V = len(self.counts)
+            self.counts += np.bincount(np.concatenate(train_ids), minlength=V)[:V]
+        return n_tokens
+
+    def write_full_shards(self, shard_sequences: int, ds_state: dict) -> None:
+        """Every full shard of the pending sequences, each followed by a commit."""
+        if self.n_pending < shard_sequences:
+            return
+        block = np.concatenate(self.pending)
+        k = 0
+        while len(block) - k >= shard_sequences:
+            self._write_shard(block[k:k + shard_sequences])
+            k += shard_sequences
+            # the whole chunk is packed: what is left of it waits in the carry, so every shard
+            # is a commit point
+            self.carry = block[k:]
+            self._commit(ds_state)
+        self.pending = [self.carry] if len(self.carry) else []
+        self.n_pending = len(self.carry)
+
+    def write_rest(self) -> None:
+        """The last, short shard (the source has ended)."""
+        if self.n_pending:
+            self._write_shard(np.concatenate(self.pending))
+
+    def _write_shard(self, block: np.ndarray) -> None:
+        # not fsio.atomic_write: a memmap is filled through its file name, not an open file
+        name = f"train-{len(self.st.shards):05d}.npy"
+        tmp = self.out / (name + ".tmp")
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=block.shape)
+        mm[:] = to_dtype(block, self.dtype)
+        mm.flush()
+        del mm
+        os.replace(tmp, self.out / name)
+        self.st.shards.append({"file": name, "n_sequences": int(len(block))})
+
+    def _commit(self, ds_state: dict) -> None:
+        self.held_f.flush()
+        meta = {"config": self.ident,
+                "progress": {**dataclasses.asdict(self.st), "ds_state": ds_state}}
+        # not fsio.atomic_write: a fixed temporary name, so a kill mid-write leaves a file the
+        # resumed run's next commit overwrites (a per-process name would be left behind)
+        tmp = self.out / (PROGRESS + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                     counts=self.counts, carry=self.carry,
+                     packer=np.asarray(self.packer.buffer, np.int32),
+                     held_packer=np.asarray(self.held_packer.buffer, np.int32))
+        os.replace(tmp, self.out / PROGRESS)
+
+    def finish(self, pc: PrepareConfig, tok_path: str) -> dict:
+        """The held-out set, the counts, then the manifest that marks the directory complete."""
+        st, L, out, ident = self.st, self.L, self.out, self.ident
+        n_seq = sum(s["n_sequences"] for s in st.shards)
+        if n_seq == 0:
+            raise UserError(f"data.source: no training sequence of {L} tokens in "
+                            f"'{pc.source}' ({st.rows} documents read); give it more text or "
+                            "lower --seq-len")
+        held_raw = np.fromfile(self.held_path, dtype=self.dtype).reshape(-1, L)
+        assert len(held_raw) == st.heldout_rows
+        atomic_write(out / HELDOUT, lambda f: np.save(f, held_raw))
+        atomic_write(out / COUNTS, lambda f: np.save(f, self.counts))
+        config_hash = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        manifest = {
+            "format_version": FORMAT_VERSION, "config": ident, "config_hash": config_hash,
+            "tokenizer": pc.tokenizer, "tokenizer_path": str(tok_path),
+            "vocab_size": ident["vocab_size"], "vocab_hash": ident["vocab_hash"], "seq_len": L,
+            "dtype": self.dtype.name, "source": ident["source"], "config_name": pc.config_name,
+            "split": pc.split, "text_field": pc.text_field,
+            "heldout_fraction": pc.heldout_fraction, "encoding_errors": pc.encoding_errors,
+            "seed": pc.seed, "max_docs": pc.max_docs, "shards": st.shards,
+            "n_sequences": n_seq, "total_tokens": n_seq * L,
+            "text_tokens": int(self.counts.sum()), "documents": st.rows,
+            "train_documents": st.train_docs, "heldout_documents": st.heldout_docs,
+            "heldout": {"file": HELDOUT, "n_sequences": st.heldout_rows},
+            "token_counts": COUNTS}
+        atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _remove_leftovers(out)
+        return manifest
+
+
+def _tokenize_into(w: _ShardWriter, pc: PrepareConfig, tok, *, workers: int,
+                   progress_bar: bool) -> float:
+    """Read the source from where the last commit left it into ``w``, tokenizing in
+    ``workers`` processes; returns the tokens per second."""
+    from tqdm.auto import tqdm
+
     ds = open_stream(pc.source, config_name=pc.config_name, split=pc.split,
                      text_field=pc.text_field, seed=pc.seed,
                      encoding_errors=pc.encoding_errors)
-    if st.ds_state is not None:
-        ds.load_state_dict(copy.deepcopy(st.ds_state))
+    if w.st.ds_state is not None:
+        ds.load_state_dict(copy.deepcopy(w.st.ds_state))
     rows = iter_texts(ds, SimpleNamespace(source=pc.source, text_field=pc.text_field))
-
-    def chunks():
-        done = st.rows
-        while pc.max_docs is None or done < pc.max_docs:
-            limit = 256 if pc.max_docs is None else min(256, pc.max_docs - done)
-            texts, held, n, chars, ended = [], [], 0, 0, False
-            while n < limit and chars < 1 << 18:
-                try:
-                    text = next(rows)
-                except StopIteration:
-                    ended = True
-                    break
-                n += 1
-                if text.strip():
-                    texts.append(text)
-                    held.append(is_heldout(text, pc.heldout_fraction))
-                    chars += len(text)
-            if n:
-                done += n
-                yield (done, copy.deepcopy(ds.state_dict()), held), texts
-            if ended or not n:
-                return
-
-    def write_shard(block: np.ndarray) -> None:
-        # not fsio.atomic_write: a memmap is filled through its file name, not an open file
-        name = f"train-{len(st.shards):05d}.npy"
-        tmp = out / (name + ".tmp")
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=block.shape)
-        mm[:] = to_dtype(block, dtype)
-        mm.flush()
-        del mm
-        os.replace(tmp, out / name)
-        st.shards.append({"file": name, "n_sequences": int(len(block))})
-
-    def commit(ds_state: dict) -> None:
-        held_f.flush()
-        meta = {"config": ident, "progress": {**dataclasses.asdict(st), "ds_state": ds_state}}
-        # not fsio.atomic_write: a fixed temporary name, so a kill mid-write leaves a file the
-        # resumed run's next commit overwrites (a per-process name would be left behind)
-        tmp = out / (PROGRESS + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                     counts=counts, carry=carry, packer=np.asarray(packer.buffer, np.int32),
-                     held_packer=np.asarray(held_packer.buffer, np.int32))
-        os.replace(tmp, out / PROGRESS)
-
+    chunks = _chunks(rows, ds, pc.heldout_fraction, pc.max_docs, w.st.rows)
     encoder = Encoder(tok, workers)
-    bar = tqdm(total=pc.max_docs, initial=st.rows, unit="doc", dynamic_ncols=True,
+    bar = tqdm(total=pc.max_docs, initial=w.st.rows, unit="doc", dynamic_ncols=True,
                desc="prepare", disable=not progress_bar)
     new_tokens, t0 = 0, time.perf_counter()
-    pending = [carry] if len(carry) else []
-    n_pending = len(carry)
     try:
-        with open(held_path, "ab") as held_f:
-            for (done, ds_state, held), ids in encoder.map(chunks()):
-                train_ids = []
-                for doc, h in zip(ids, held):
-                    if h:
-                        seqs = held_packer.add(doc)
-                        held_f.write(to_dtype(seqs, dtype).tobytes())
-                        st.heldout_rows += len(seqs)
-                        st.heldout_docs += 1
-                    else:
-                        seqs = packer.add(doc)
-                        pending.append(seqs)
-                        n_pending += len(seqs)
-                        train_ids.append(doc)
-                        st.train_docs += 1
-                    new_tokens += len(doc)
-                if train_ids:
-                    counts += np.bincount(np.concatenate(train_ids), minlength=V)[:V]
-                bar.update(done - st.rows)
-                st.rows = done
-                if n_pending >= pc.shard_sequences:
-                    block = np.concatenate(pending)
-                    k = 0
-                    while len(block) - k >= pc.shard_sequences:
-                        write_shard(block[k:k + pc.shard_sequences])
-                        k += pc.shard_sequences
-                        # the whole chunk is packed: what is left of it waits in the carry, so
-                        # every shard is a commit point
-                        carry = block[k:]
-                        commit(ds_state)
-                    pending, n_pending = ([carry] if len(carry) else []), len(carry)
+        with open(w.held_path, "ab") as w.held_f:
+            for (done, ds_state, held), ids in encoder.map(chunks):
+                new_tokens += w.add(ids, held)
+                bar.update(done - w.st.rows)
+                w.st.rows = done
+                w.write_full_shards(pc.shard_sequences, ds_state)
                 bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0):,.0f} tok/s",
                                     refresh=False)
-            if n_pending:
-                write_shard(np.concatenate(pending))
+            w.write_rest()
     finally:
         bar.close()
         encoder.close()
-    n_seq = sum(s["n_sequences"] for s in st.shards)
-    if n_seq == 0:
-        raise UserError(f"data.source: no training sequence of {L} tokens in '{pc.source}' "
-                        f"({st.rows} documents read); give it more text or lower --seq-len")
-
-    # -- finish: held-out set, counts, then the manifest that marks the directory complete ---
-    held_raw = np.fromfile(held_path, dtype=dtype).reshape(-1, L)
-    assert len(held_raw) == st.heldout_rows
-    atomic_write(out / HELDOUT, lambda f: np.save(f, held_raw))
-    atomic_write(out / COUNTS, lambda f: np.save(f, counts))
-    manifest = {
-        "format_version": FORMAT_VERSION, "config": ident, "config_hash": config_hash,
-        "tokenizer": pc.tokenizer, "tokenizer_path": str(tok_path), "vocab_size": V,
-        "vocab_hash": ident["vocab_hash"], "seq_len": L, "dtype": dtype.name,
-        "source": ident["source"], "config_name": pc.config_name, "split": pc.split,
-        "text_field": pc.text_field, "heldout_fraction": pc.heldout_fraction,
-        "encoding_errors": pc.encoding_errors, "seed": pc.seed, "max_docs": pc.max_docs,
-        "shards": st.shards, "n_sequences": n_seq, "total_tokens": n_seq * L,
-        "text_tokens": int(counts.sum()), "documents": st.rows,
-        "train_documents": st.train_docs, "heldout_documents": st.heldout_docs,
-        "heldout": {"file": HELDOUT, "n_sequences": st.heldout_rows},
-        "token_counts": COUNTS}
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    for leftover in (PROGRESS, HELDOUT_PARTIAL):
-        (out / leftover).unlink(missing_ok=True)
-    wall = time.perf_counter() - t_start
-    rate = new_tokens / max(time.perf_counter() - t0, 1e-9)
-    say(f"prepare_data: {out}: {n_seq} sequences of {L} tokens ({n_seq * L:,} tokens, "
-        f"{dtype.name}) in {len(st.shards)} shards, {st.heldout_rows} held-out sequences, "
-        f"{st.rows} documents; {rate:,.0f} tokens/s tokenized, {wall:.1f}s wall")
-    return manifest
+    return new_tokens / max(time.perf_counter() - t0, 1e-9)

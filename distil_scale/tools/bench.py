@@ -67,8 +67,8 @@ from ..glue.data import read_tsv
 from ..glue.tasks import get_task
 from ..hub import load_tokenizer, resolve_model_path
 from ..losses import LossWeights, VocabTargets, fused_vocab_loss, mlm_chunk_bounds, soft_target_kl
-from ..metrics import (datasheet_tflops, distill_flops_per_token, encoder_flops_per_token,
-                       head_flops_per_position, matmul_peak_size, measure_matmul_peak)
+from ..metrics import (datasheet_tflops, encoder_flops_per_token, head_flops_per_position,
+                       matmul_peak_size, measure_matmul_peak)
 from ..models import build_student, count_params, wrap_for_distillation
 from ..runtime import (fused_chunk_rows, resolve_attention, resolve_precision,
                        resolve_teacher_dtype)
@@ -837,16 +837,6 @@ DATA_MICRO = 16
 DATA_SEQ = 512
 
 
-def h100_demand_tokens_s(seq_len: int = DATA_SEQ, mfu: float = 0.45,
-                         peak_flops: float = 989e12, head_fraction: float = 0.15) -> float:
-    """The arithmetic behind ``H100_DEMAND_TOKENS_S`` (BERT-base -> 6-layer student)."""
-    from transformers import BertConfig, DistilBertConfig
-
-    per_token = distill_flops_per_token(BertConfig(), DistilBertConfig(n_layers=6), seq_len,
-                                        head_fraction)
-    return mfu * peak_flops / per_token
-
-
 def data_bench(args, tokenizer, say) -> int:
     """Tokens/s of the trainer's loader at seq 512, micro 16, masking included, on two paths:
     prepared shards (launch/prepare_data.py's format, read by ShardStream) and the streaming
@@ -1030,7 +1020,7 @@ def thread_warning(device: torch.device, say) -> None:
     if device.type == "cpu" and torch.get_num_threads() > 1 and load > (os.cpu_count() or 1) - 1:
         # measured on the 2-core lab machine under a load of ~3: an elementwise op on
         # [16,128,384] took 8 ms with 2 OpenMP threads and 0.23 ms with 1 (every parallel region
-        # waits for a descheduled thread), and the fast step 6.6 s vs 0.9 s
+        # waits for a descheduled thread), and the distillation step 6.6 s vs 0.9 s
         say(f"warning: load average {load:.1f} on {os.cpu_count()} cores with "
             f"{torch.get_num_threads()} torch threads: parallel regions wait for descheduled "
             "threads; OMP_NUM_THREADS=1 is several times faster on a shared machine")

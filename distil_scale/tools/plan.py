@@ -107,12 +107,40 @@ def _fmt(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
-              config_name: str = "", ds_name: str = "") -> Plan:
+@dataclass
+class _Shapes:
+    """What the rows of a plan read, resolved once from the YAML and the DeepSpeed JSON."""
+    gpus: int
+    nodes: int
+    world: int
+    student_name: str
+    attn: str
+    P: int  # student parameters
+    largest: int  # of the largest single module (ZeRO-3 gathers it whole)
+    P_t: int  # teacher parameters
+    precision: str
+    half: bool
+    e: int  # bytes of a compute-precision element
+    stage: int
+    off_opt: bool
+    off_par: bool
+    pinned: bool
+    micro: int
+    accum: int
+    s: int  # sequence length
+    h: int
+    f: int  # feed-forward width
+    a: int  # attention heads
+    L: int
+    V: int
+    reduce_bucket: float
+    gather_bucket: float
+    prefetch: float
+
+
+def _shapes(cfg, ds: dict, gpus: int, nodes: int, tconf) -> _Shapes:
     from transformers import AutoModelForMaskedLM
 
-    world = gpus * nodes
-    tconf = teacher_config(cfg.teacher.name_or_path)
     attn = resolve_attention(cfg.train.attn_implementation, torch.device("cuda"))
     sconf = student_config(tconf, cfg.student.family, cfg.student.n_layers, cfg.student.dim,
                            cfg.student.dropout, cfg.student.attention_dropout, attn)
@@ -120,95 +148,105 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
         student = family_of(sconf).cls()(sconf)
         P, largest = count_params(student), largest_module_params(student)
         P_t = count_params(AutoModelForMaskedLM.from_config(tconf))
-
     precision = DeepSpeedEngine.resolve_precision(cfg.train.precision, torch.device("cuda"), ds)
     half = precision in ("bf16", "fp16")
-    e = 2 if half else 4  # bytes of a compute-precision element
     stage = zero_stage(ds)
     zo = ds.get("zero_optimization") or {}
-    off_opt = (zo.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
-    off_par = stage == 3 and (zo.get("offload_param") or {}).get("device", "none") in (
-        "cpu", "nvme")
-    pinned = bool((zo.get("offload_optimizer") or {}).get("pin_memory"))
-    micro = int(ds["train_micro_batch_size_per_gpu"])
-    accum = int(ds["gradient_accumulation_steps"])
-    s, b = cfg.data.max_seq_len, micro
-    h, f, a = sconf.hidden_size, family_of(sconf).ffn_size(sconf), sconf.num_attention_heads
-    L, V = sconf.num_hidden_layers, sconf.vocab_size
-    reduce_bucket = float(zo.get("reduce_bucket_size", 5e8))
-    gather_bucket = float(zo.get("allgather_bucket_size", 5e8))
-    prefetch = float(zo.get("stage3_prefetch_bucket_size", 5e7))
+    return _Shapes(
+        gpus=gpus, nodes=nodes, world=gpus * nodes, student_name=type(student).__name__,
+        attn=attn, P=P, largest=largest, P_t=P_t, precision=precision, half=half,
+        e=2 if half else 4, stage=stage,
+        off_opt=(zo.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme"),
+        off_par=stage == 3 and (zo.get("offload_param") or {}).get("device", "none") in (
+            "cpu", "nvme"),
+        pinned=bool((zo.get("offload_optimizer") or {}).get("pin_memory")),
+        micro=int(ds["train_micro_batch_size_per_gpu"]),
+        accum=int(ds["gradient_accumulation_steps"]), s=cfg.data.max_seq_len,
+        h=sconf.hidden_size, f=family_of(sconf).ffn_size(sconf), a=sconf.num_attention_heads,
+        L=sconf.num_hidden_layers, V=sconf.vocab_size,
+        reduce_bucket=float(zo.get("reduce_bucket_size", 5e8)),
+        gather_bucket=float(zo.get("allgather_bucket_size", 5e8)),
+        prefetch=float(zo.get("stage3_prefetch_bucket_size", 5e7)))
 
-    header = [
-        f"memory plan: {ds_name} + {config_name}, {gpus} GPU(s) x {nodes} node(s) = {world}, "
-        f"{gpu_mem_gib:g} GiB each",
-        f"student {type(student).__name__}: {L} layers, dim {h}, ffn {f}, {a} heads, vocab {V}: "
-        f"P = {_fmt(P)} parameters",
-        f"teacher {family_of(tconf).mlm_class}: {tconf.num_hidden_layers} layers, dim {tconf.hidden_size}: "
-        f"{_fmt(P_t)} parameters, frozen, a replicated "
+
+def _header(x: _Shapes, cfg, tconf, gpu_mem_gib: float, config_name: str,
+            ds_name: str) -> list[str]:
+    return [
+        f"memory plan: {ds_name} + {config_name}, {x.gpus} GPU(s) x {x.nodes} node(s) = "
+        f"{x.world}, {gpu_mem_gib:g} GiB each",
+        f"student {x.student_name}: {x.L} layers, dim {x.h}, ffn {x.f}, {x.a} heads, vocab "
+        f"{x.V}: P = {_fmt(x.P)} parameters",
+        f"teacher {family_of(tconf).mlm_class}: {tconf.num_hidden_layers} layers, dim "
+        f"{tconf.hidden_size}: {_fmt(x.P_t)} parameters, frozen, a replicated "
         f"{'fp32' if cfg.teacher.dtype == 'fp32' else 'half-precision'} copy on every GPU "
         "(never sharded, never in an optimizer)",
-        f"run: ZeRO-{stage}, {precision}, optimizer "
-        + (f"offloaded to CPU{' (pinned)' if pinned else ''}" if off_opt else "on GPU")
-        + (", parameters offloaded to CPU" if off_par else "")
-        + f"; micro batch {micro} x seq {s}, accumulation {accum} x {world} GPU(s) = global "
-        f"{micro * accum * world}",
+        f"run: ZeRO-{x.stage}, {x.precision}, optimizer "
+        + (f"offloaded to CPU{' (pinned)' if x.pinned else ''}" if x.off_opt else "on GPU")
+        + (", parameters offloaded to CPU" if x.off_par else "")
+        + f"; micro batch {x.micro} x seq {x.s}, accumulation {x.accum} x {x.world} GPU(s) = "
+        f"global {x.micro * x.accum * x.world}",
     ]
-    rows: list[Row] = []
-    shard = world if stage >= 1 else 1
 
-    # -- model states ---------------------------------------------------------------------------
-    if stage == 3:
-        live = largest + prefetch
-        if off_par:
-            rows.append(Row(f"student parameters ({precision})", live * e,
-                            f"on CPU; gathered: largest layer {_fmt(largest)} + prefetch "
-                            f"bucket {prefetch:.1e}, x {e} B"))
+
+def _model_state_rows(x: _Shapes, ds: dict) -> list[Row]:
+    """The student's parameters, gradients, optimizer states and ZeRO buckets."""
+    rows: list[Row] = []
+    P, e, world, prec = x.P, x.e, x.world, x.precision
+    shard = world if x.stage >= 1 else 1
+    if x.stage == 3:
+        live = x.largest + x.prefetch
+        if x.off_par:
+            rows.append(Row(f"student parameters ({prec})", live * e,
+                            f"on CPU; gathered: largest layer {_fmt(x.largest)} + prefetch "
+                            f"bucket {x.prefetch:.1e}, x {e} B"))
         else:
-            rows.append(Row(f"student parameters ({precision})", e * P / world + live * e,
-                            f"{e} B x P / {world} + gathered (largest layer {_fmt(largest)} + "
-                            f"prefetch bucket {prefetch:.1e}) x {e} B"))
+            rows.append(Row(f"student parameters ({prec})", e * P / world + live * e,
+                            f"{e} B x P / {world} + gathered (largest layer "
+                            f"{_fmt(x.largest)} + prefetch bucket {x.prefetch:.1e}) x {e} B"))
     else:
-        rows.append(Row(f"student parameters ({precision})", e * P, f"{e} B x P"))
+        rows.append(Row(f"student parameters ({prec})", e * P, f"{e} B x P"))
     # gradients are accumulated over the micro-batches in data_types.grad_accum_dtype (DeepSpeed
     # defaults it to the model's dtype: bf16 sums of 256 micro-batches lose ~1.5 %)
-    acc_name = (ds.get("data_types") or {}).get("grad_accum_dtype") or precision
+    acc_name = (ds.get("data_types") or {}).get("grad_accum_dtype") or prec
     acc_b = 4 if acc_name == "fp32" else e
-    if off_opt:
-        rows.append(Row(f"student gradients ({precision})", reduce_bucket * e,
-                        f"reduce bucket {reduce_bucket:.1e} x {e} B (moved to CPU as reduced, "
+    bucket = x.reduce_bucket
+    if x.off_opt:
+        rows.append(Row(f"student gradients ({prec})", bucket * e,
+                        f"reduce bucket {bucket:.1e} x {e} B (moved to CPU as reduced, "
                         f"accumulated there in {acc_name})"))
-    elif stage >= 2:
+    elif x.stage >= 2:
         rows.append(Row(f"student gradients (accumulated in {acc_name})",
-                        acc_b * P / world + reduce_bucket * e,
-                        f"{acc_b} B x P / {world} + reduce bucket {reduce_bucket:.1e} x {e} B"))
+                        acc_b * P / world + bucket * e,
+                        f"{acc_b} B x P / {world} + reduce bucket {bucket:.1e} x {e} B"))
     else:
         rows.append(Row(f"student gradients (accumulated in {acc_name})", acc_b * P,
                         f"{acc_b} B x P"))
     # AdamW m and v in fp32; mixed precision adds the fp32 master copy and fp32 gradients
-    opt_b = 16 if half else 8
-    opt_how = ("fp32 master 4 + m 4 + v 4 + fp32 grads 4 = 16 B" if half else
+    opt_b = 16 if x.half else 8
+    opt_how = ("fp32 master 4 + m 4 + v 4 + fp32 grads 4 = 16 B" if x.half else
                "m 4 + v 4 = 8 B")
-    if half and acc_b == 4 and stage >= 2 and not off_opt:
+    if x.half and acc_b == 4 and x.stage >= 2 and not x.off_opt:
         # the fp32 accumulation partition above is the gradient the optimizer steps with
         opt_b, opt_how = 12, "fp32 master 4 + m 4 + v 4 = 12 B (fp32 grads: the row above)"
-    if off_opt:
-        rows.append(Row("optimizer states", 0.0, f"on CPU: {opt_how} x P"
-                        + (f" / {shard}" if shard > 1 else "")
-                        + f" = {opt_b * P / shard / GiB:.2f} GiB per GPU process"
-                        + (" (pinned)" if pinned else "")))
+    per = f" / {shard}" if shard > 1 else ""
+    if x.off_opt:
+        rows.append(Row("optimizer states", 0.0, f"on CPU: {opt_how} x P{per}"
+                        f" = {opt_b * P / shard / GiB:.2f} GiB per GPU process"
+                        + (" (pinned)" if x.pinned else "")))
     else:
-        rows.append(Row("optimizer states", opt_b * P / shard,
-                        f"{opt_how} x P" + (f" / {shard}" if shard > 1 else "")))
-    if stage in (1, 2):
-        rows.append(Row("ZeRO all-gather bucket", gather_bucket * e,
-                        f"allgather bucket {gather_bucket:.1e} x {e} B"))
-    model_states = sum(r.nbytes for r in rows)
+        rows.append(Row("optimizer states", opt_b * P / shard, f"{opt_how} x P{per}"))
+    if x.stage in (1, 2):
+        rows.append(Row("ZeRO all-gather bucket", x.gather_bucket * e,
+                        f"allgather bucket {x.gather_bucket:.1e} x {e} B"))
+    return rows
 
-    # -- activations (student, kept for backward) ---------------------------------------------
+
+def _activation_rows(x: _Shapes, cfg) -> list[Row]:
+    """The student's activations kept for backward and the loss inputs."""
+    s, b, h, f, a, L, V, e = x.s, x.micro, x.h, x.f, x.a, x.L, x.V, x.e
     sbh, sbf, as2b = s * b * h, s * b * f, a * s * s * b
     drop, adrop = cfg.student.dropout > 0, cfg.student.attention_dropout > 0
-    if attn == "eager":
+    if x.attn == "eager":
         attn_el, attn_how = (2 if adrop else 1) * as2b, f"{2 if adrop else 1}as^2b"
         masks = (as2b if adrop else 0) + (2 * sbh if drop else 0)
     else:  # SDPA kernels keep the output and a log-sum-exp, not the s x s scores
@@ -216,10 +254,10 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
         masks = 2 * sbh if drop else 0
     per_layer = (8 * sbh + 2 * sbf + attn_el) * e + masks
     emb = sbh * e + (sbh if drop else 0)
-    rows.append(Row(f"activations ({L} layers, {attn})", L * per_layer + emb,
-                    f"L x [(8sbh + 2sbf + {attn_how}) x {e} B + dropout masks 1 B] + "
-                    f"embeddings; s={s} b={b} h={h} f={f} a={a}"))
-    # -- vocabulary logits at the selected positions --------------------------------------------
+    rows = [Row(f"activations ({L} layers, {x.attn})", L * per_layer + emb,
+                f"L x [(8sbh + 2sbf + {attn_how}) x {e} B + dropout masks 1 B] + "
+                f"embeddings; s={s} b={b} h={h} f={f} a={a}")]
+    # -- vocabulary logits at the selected positions
     frac = 1.0 if cfg.loss.kl_positions == "all" else cfg.masking.mlm_prob
     n_sel = int(round(b * s * frac))
     if cfg.loss.fused and cfg.loss.alpha_mse == 0:
@@ -228,60 +266,74 @@ def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
         # log-softmaxes, p_t, the chunk's gradient) + the fp32 gradient accumulators of the
         # weight and the rows + the projection weights cast to the compute dtype
         chunk = min(fused_chunk_rows(cfg.loss.fused_chunk_rows, torch.device("cuda")), n_sel)
-        cast = 2 * 2 * V * h if half else 0
+        cast = 2 * 2 * V * h if x.half else 0
         rows.append(Row("vocabulary loss (fused, chunked)",
                         14 * chunk * V + 4 * V * h + 4 * n_sel * h + cast,
                         "14 B x chunk x V + 4 B x V x h + 4 B x n_sel x h"
-                        + (" + 2 x 2 B x V x h" if half else "")
+                        + (" + 2 x 2 B x V x h" if x.half else "")
                         + f"; chunk = {chunk} of n_sel = {b} x {s} x {frac:g} = {n_sel} rows "
                         "(never a full n_sel x V tensor: loss.fused)"))
     else:
-        lb = 28 if half else 36
+        lb = 28 if x.half else 36
         rows.append(Row("vocabulary logits", n_sel * V * lb,
                         f"n_sel x V x {lb} B; n_sel = {b} x {s} x {frac:g} = {n_sel} positions "
                         "(student logits + two fp32 log-softmaxes + a transient, teacher "
                         "logits + its log-softmax, logit gradients; loss.fused=false)"))
     rows.append(Row("hidden-state loss inputs (cos)", 12 * sbh,
                     "3 fp32 copies of s x b x h (student, teacher, gradient)"))
-    # -- the teacher ------------------------------------------------------------------------------
+    return rows
+
+
+def _teacher_rows(x: _Shapes, cfg, tconf) -> list[Row]:
     te = 4 if cfg.teacher.dtype == "fp32" else 2  # auto: bf16 on CUDA (fp16 in fp16 runs)
-    rows.append(Row(f"teacher weights ({'fp16/bf16' if te == 2 else 'fp32'})", te * P_t,
-                    f"{te} B x {_fmt(P_t)}"))
+    s, b = x.s, x.micro
     tsbh, tsbf = s * b * tconf.hidden_size, s * b * family_of(tconf).ffn_size(tconf)
-    t_attn = a * s * s * b * te if attn == "eager" else 0
-    rows.append(Row("teacher forward (inference)",
-                    (6 * tsbh + tsbf) * te + t_attn + tsbh * te,
-                    f"(6sbh + sbf{' + as^2b' if attn == 'eager' else ''}) x {te} B: the one "
-                    "layer being computed + the kept last hidden state"))
-    rows.append(Row("CUDA context + allocator reserve", RESERVE_GIB * GiB, "assumed"))
+    t_attn = x.a * s * s * b * te if x.attn == "eager" else 0
+    return [Row(f"teacher weights ({'fp16/bf16' if te == 2 else 'fp32'})", te * x.P_t,
+                f"{te} B x {_fmt(x.P_t)}"),
+            Row("teacher forward (inference)", (6 * tsbh + tsbf) * te + t_attn + tsbh * te,
+                f"(6sbh + sbf{' + as^2b' if x.attn == 'eager' else ''}) x {te} B: the one "
+                "layer being computed + the kept last hidden state"),
+            Row("CUDA context + allocator reserve", RESERVE_GIB * GiB, "assumed")]
 
-    plan = Plan(header, rows, gpu_bytes=gpu_mem_gib * GiB, model_state_bytes=model_states)
-    plan.total = sum(r.nbytes for r in rows)
 
-    # -- DeepSpeed's own estimators, beside ours -------------------------------------------------
+def _add_deepspeed_estimate(plan: Plan, x: _Shapes) -> None:
+    """DeepSpeed's own model-state estimators, beside ours."""
     try:
-        if stage in (1, 2):
+        if x.stage in (1, 2):
             from deepspeed.runtime.zero.stage_1_and_2 import \
                 estimate_zero2_model_states_mem_needs as est2
 
-            cpu, gpu = est2(P, gpus, nodes, cpu_offload=off_opt)
+            cpu, gpu = est2(x.P, x.gpus, x.nodes, cpu_offload=x.off_opt)
             plan.ds_estimate_gpu, plan.ds_estimate_cpu = gpu, cpu
             name = "estimate_zero2_model_states_mem_needs"
-        elif stage == 3:
+        elif x.stage == 3:
             from deepspeed.runtime.zero.stage3 import \
                 estimate_zero3_model_states_mem_needs as est3
 
-            cpu, gpu, _ = est3(P, largest, gpus, nodes, cpu_offload=off_opt,
-                               cpu_offload_params=off_par, zero_init=False)
+            cpu, gpu, _ = est3(x.P, x.largest, x.gpus, x.nodes, cpu_offload=x.off_opt,
+                               cpu_offload_params=x.off_par, zero_init=False)
             plan.ds_estimate_gpu, plan.ds_estimate_cpu = gpu, cpu
             name = "estimate_zero3_model_states_mem_needs"
         if plan.ds_estimate_gpu is not None:
             plan.notes.append(
-                f"  DeepSpeed {name}(P={_fmt(P)}): model states GPU "
+                f"  DeepSpeed {name}(P={_fmt(x.P)}): model states GPU "
                 f"{plan.ds_estimate_gpu / GiB:.3f} GiB, CPU {plan.ds_estimate_cpu / GiB:.2f} GiB "
-                f"(ours above, with buckets: {model_states / GiB:.3f} GiB)")
+                f"(ours above, with buckets: {plan.model_state_bytes / GiB:.3f} GiB)")
     except ImportError:
         plan.notes.append("  (deepspeed not installed: its estimators were skipped)")
+
+
+def make_plan(cfg, ds: dict, *, gpus: int, nodes: int, gpu_mem_gib: float,
+              config_name: str = "", ds_name: str = "") -> Plan:
+    tconf = teacher_config(cfg.teacher.name_or_path)
+    x = _shapes(cfg, ds, gpus, nodes, tconf)
+    states = _model_state_rows(x, ds)
+    rows = states + _activation_rows(x, cfg) + _teacher_rows(x, cfg, tconf)
+    plan = Plan(_header(x, cfg, tconf, gpu_mem_gib, config_name, ds_name), rows,
+                gpu_bytes=gpu_mem_gib * GiB, model_state_bytes=sum(r.nbytes for r in states))
+    plan.total = sum(r.nbytes for r in rows)
+    _add_deepspeed_estimate(plan, x)
     return plan
 
 

@@ -32,7 +32,8 @@ def set_rng_state(st: dict) -> None:
 
 
 class TrainState:
-    """Step, counters, the data position, the masker's generator and the global generators.
+    """Step, counters, the data position, the masker's seed (a mask is a pure function of
+    (seed, step, tokens): nothing else of it to carry) and the global generators.
 
     The loader is attached once built (its transform reads ``first_step``, so the state exists
     first). ``first_step`` is the step of the loader's first batch: 0, or where a resume starts,

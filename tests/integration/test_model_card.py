@@ -4,6 +4,7 @@ import json
 
 import pytest
 import yaml
+from transformers import AutoTokenizer, DistilBertForMaskedLM, pipeline
 
 from fixtures import read_metrics, run_launcher, tiny_overrides
 from distil_scale.config import load_config, to_dict
@@ -67,10 +68,19 @@ def test_training_args_round_trip(minilm_run):
     assert cfg.teacher.name_or_path == MINILM and cfg.loss.kl_positions == "masked"
 
 
-def test_card_loads_next_to_the_model(minilm_run):
-    from transformers import DistilBertForMaskedLM
-
-    DistilBertForMaskedLM.from_pretrained(minilm_run / "student")  # the extra files are ignored
+def test_card_loads_next_to_the_model_and_its_example_runs(minilm_run):
+    """The card and training_args.yaml beside the weights leave a stock load alone, and the
+    card's usage example, with the tokenizer's own mask token, runs as written."""
+    student = minilm_run / "student"
+    model = DistilBertForMaskedLM.from_pretrained(student)
+    assert model.config.n_layers == 2
+    tok = AutoTokenizer.from_pretrained(student)
+    (example,) = [line for line in (student / "README.md").read_text().splitlines()
+                  if line.startswith('fill("')]
+    sentence = example[len('fill("'):-len('")')]
+    assert tok.mask_token in sentence, sentence
+    preds = pipeline("fill-mask", model=model, tokenizer=tok)(sentence)
+    assert len(preds) == 5 and all(p["token"] < len(tok) for p in preds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,15 +125,29 @@ def test_card_for_hub_teacher_and_hub_data(tmp_path):
     meta = front_matter(cfg, {})
     assert meta["base_model"] == "bert-base-uncased"
     assert meta["datasets"] == ["wikimedia/wikipedia"]
-    text = card_text(cfg, {"steps": 3})
+    text = card_text(cfg, {"steps": 3}, mask_token="[MASK]")
     assert "config `20231101.en`" in text and "frozen (the teacher's)" in text
     local = tmp_path / "t"
     local.mkdir()
     cfg = load_config(None, [f"teacher.name_or_path={local}", f"data.source={tmp_path}"])
     meta = front_matter(cfg, {})
     assert "base_model" not in meta and "datasets" not in meta and meta["license"] == "other"
-    body = split_front_matter(card_text(cfg, {}))[1]
+    body = split_front_matter(card_text(cfg, {}, mask_token="[MASK]"))[1]
     assert f"the local checkpoint `{local}`" in body and "`license: other`" in body
+
+
+def test_card_names_every_loss_term_and_the_tokenizers_mask_token():
+    cfg = load_config(None, ["loss.alpha_attn_rel=3", "loss.attn_rel_heads=8",
+                             "loss.alpha_hidden_mse=0.5", "loss.hidden_mse_layers=mapped"])
+    losses = {"loss/total": 1.0, "loss/attn_rel": 0.25, "loss/hidden_mse": 0.125}
+    body = split_front_matter(card_text(cfg, {"losses": losses}, mask_token="<mask>"))[1]
+    (loss,) = [line for line in body.splitlines() if line.startswith("- **Loss**")]
+    assert "alpha_attn_rel 3 × KL of the self-attention relations" in loss, loss
+    assert "8 relation heads" in loss and "of the last teacher layer" in loss, loss
+    assert "alpha_hidden_mse 0.5 × hidden-state MSE of every student layer against" in loss
+    assert "| loss/attn_rel | loss/hidden_mse |" in body and "| 0.2500 | 0.1250 |" in body
+    assert "[MASK]" not in body and "80 % <mask> /" in body
+    assert 'fill("the prime minister said the <mask> would be announced' in body
 
 
 def test_update_section_keeps_front_matter_and_the_rest():
@@ -151,7 +175,7 @@ def test_report_updates_the_glue_section_of_a_card(tmp_path):
     student.mkdir(parents=True)
     cfg = load_config(None, [f"teacher.name_or_path={MINILM}"])
     card = student / "README.md"
-    card.write_text(card_text(cfg, {"acc_end": 0.25}))
+    card.write_text(card_text(cfg, {"acc_end": 0.25}, mask_token="[MASK]"))
     before = card.read_text()
     front, body = split_front_matter(before)
     other = tmp_path / "other"  # a model directory with a card that is not ours: left alone

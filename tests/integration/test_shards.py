@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from fixtures import REPO, SHARED, minilm_path, write_corpus
 from distil_scale.errors import UserError
@@ -26,11 +25,6 @@ from distil_scale.data.shards import (PrepareConfig, ShardStream, prepare_shards
 
 WIKI = SHARED / "data" / "wikipedia_sample" / "articles.jsonl"
 SEQ = 32
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(minilm_path())
 
 
 def _prepare(src, out, workers=0, **kw) -> dict:

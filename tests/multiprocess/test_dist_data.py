@@ -12,19 +12,12 @@ many files as ranks (``ds.shard``), else every world-th row of the stream
 from __future__ import annotations
 
 import json
-import pytest
-from transformers import AutoTokenizer
 
 from distil_scale.config import DataConfig
 from distil_scale.data.loader import PretrainStream
-from fixtures import minilm_path, write_aligned_corpus
+from fixtures import write_aligned_corpus
 
 SEQ = 32
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(minilm_path())
 
 
 def read(cfg, tok, micro, steps, rank=0, world=1) -> list[list[tuple]]:

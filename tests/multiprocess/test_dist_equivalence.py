@@ -7,9 +7,10 @@ Making the runs comparable step by step needs three things, all set here:
   packed sequence, ``data.shuffle_buffer=1``; with one file ``split_dataset_by_node`` gives rank r
   every other row, so at step s the 2 ranks together read rows 4s..4s+3, which is what the
   single process reads at step s (see test_dist_data.py for the reading itself);
-- masks that do not depend on which rank draws them: the masking RNG is per rank, so every
-  non-special token is made a target (``mlm_prob=0.99``) and kept as is (``keep_frac=1``):
-  the inputs are the real text, every position is scored, no random draw changes anything;
+- masks that do not depend on which rank draws them: a mask is a pure function of (seed, step,
+  the sequence's tokens) (data/masking.py), so any rank draws the same one; on top of that
+  every non-special token is made a target (``mlm_prob=0.99``) and kept as is
+  (``keep_frac=1``): the inputs are the real text and every position is scored;
 - fp32, dropout 0 (and the per-micro-batch losses are means over equal counts, so the
   grouping of the 4 sequences into micro-batches does not change the step's mean).
 

@@ -4,20 +4,14 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from fixtures import minilm_path, write_corpus
+from fixtures import write_corpus
 from distil_scale.errors import UserError
 from distil_scale.config import DataConfig
 from distil_scale.data.loader import BatchLoader, PretrainStream, build_eval_set
 from distil_scale.data.masking import DynamicMasker
 from distil_scale.data.packing import Packer
-from distil_scale.data.sources import is_heldout
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(minilm_path())
+from distil_scale.data.sources import is_heldout, iter_texts
 
 
 def _cfg(source, **kw):
@@ -72,6 +66,17 @@ def test_prefetching_loader_state_is_that_of_the_batch_handed_out(tmp_path, tok)
     assert all(torch.equal(x, y) for x, y in zip(first + rest, ref_batches))
 
 
+def test_a_loader_state_of_an_older_version_is_one_line(tmp_path, tok):
+    cfg = _cfg(write_corpus(tmp_path / "c.jsonl", n_docs=10))
+    # format 1: the loader's state was its stream's
+    old = {k: v for k, v in PretrainStream(cfg, tok, 4, seed=1).state_dict().items()
+           if k != "format"}
+    with pytest.raises(UserError, match=r"^--resume: the checkpoint is from an older "
+                                        r"version .*; resume it with that version or start a "
+                                        r"new run\.output_dir$"):
+        BatchLoader(PretrainStream(cfg, tok, 4, seed=1), prefetch=0).load_state_dict(old)
+
+
 def test_ranks_read_disjoint_documents(tmp_path, tok):
     # each document carries one marker word found nowhere else
     markers = [w for w in tok.convert_ids_to_tokens(list(range(5000, 5200)))
@@ -83,13 +88,9 @@ def test_ranks_read_disjoint_documents(tmp_path, tok):
     cfg = _cfg(d, shuffle_buffer=1, heldout_fraction=1e-6, max_seq_len=64)
 
     def docs_read(rank, world):
-        """Markers of the documents a rank reads in one epoch."""
+        """Markers of the documents a rank's stream reads in one epoch (of its own source)."""
         s = PretrainStream(cfg, tok, 2, seed=0, rank=rank, world=world)
-        seen = []
-        for text, epoch in s.documents():
-            if epoch > 0:
-                return seen
-            seen.append(markers.index(text.split()[0]))
+        return [markers.index(text.split()[0]) for text in iter_texts(s.ds, cfg)]
 
     r0, r1 = docs_read(0, 2), docs_read(1, 2)
     assert len(r0) == len(r1) == 10

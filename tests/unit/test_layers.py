@@ -1,4 +1,5 @@
-"""The package's layers, read from its source with ``ast`` (nothing is imported).
+"""The package's layers and the size of its functions, read from its source with ``ast``
+(nothing is imported).
 
 Every module's imports of other distil_scale modules form a graph that must have no cycle, may
 only point down the layers of docs/STYLE (a module imports its own layer or a lower one), and
@@ -15,6 +16,9 @@ from pathlib import Path
 
 PKG = "distil_scale"
 ROOT = Path(__file__).resolve().parents[2] / PKG
+
+# a function longer than this is split into named pieces (one reading of a piece at a time)
+MAX_FUNCTION_LINES = 120
 
 # (importing module, imported module) -> why it cannot sit at the top of the module
 ALLOWED_LOCAL: dict[tuple[str, str], str] = {}
@@ -158,6 +162,19 @@ def problems(root: Path = ROOT) -> list[str]:
     return out
 
 
+def long_functions(root: Path = ROOT, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function or method of more than ``limit`` lines (``def`` line to its last)."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}: "
+                               f"{n} lines")
+    return out
+
+
 def test_every_module_has_a_layer():
     top, _ = import_graph()
     assert [m for m in sorted(top) if m != PKG and layer_of(m) is None] == []
@@ -181,3 +198,18 @@ def test_the_walk_sees_a_cycle_behind_a_package_init_and_a_local_import(tmp_path
     assert any(p.startswith(f"function-local import: {PKG}.teacher:2 imports "
                             f"{PKG}.train.step") for p in found)
     assert f"upward import: {PKG}.teacher (layer 2) imports {PKG}.train (layer 4)" in found
+
+
+def test_no_function_is_over_the_line_limit():
+    assert long_functions() == []
+
+
+def test_the_length_check_counts_from_def_to_the_last_line(tmp_path):
+    """The check itself: a method of 4 lines is over a limit of 3, a function of 3 is not."""
+    pkg = tmp_path / PKG
+    pkg.mkdir()
+    (pkg / "m.py").write_text("def fits():\n    a = 1\n    return a\n\n\n"
+                              "class C:\n    def long(self):\n        a = 1\n        b = 2\n"
+                              "        return a + b\n")
+    assert long_functions(pkg, limit=3) == [f"{PKG}/m.py:7 long: 4 lines"]
+    assert long_functions(pkg, limit=4) == []

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from fixtures import minilm_path, write_corpus
 from distil_scale.config import Config, DataConfig
@@ -20,11 +19,6 @@ from distil_scale.errors import UserError
 from distil_scale.train.setup import resolved_config, resume_check
 
 SEQ, MICRO, GLOBAL = 32, 2, 8  # 4 micro-batches a step: accumulation 4, 2 or 1 on 1, 2, 4 ranks
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(minilm_path())
 
 
 @pytest.fixture(scope="module")
