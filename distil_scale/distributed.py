@@ -82,10 +82,6 @@ def init_control_group() -> None:
         _control = dist.new_group(backend="gloo")
 
 
-def has_control_group() -> bool:
-    return _control is not None
-
-
 def _reduce(value: int, op) -> int:
     if world_size() == 1:
         return value
@@ -214,7 +210,7 @@ def rank0_first(fn):
         try:
             value = fn()
         finally:
-            dist.barrier(group=_control)
+            barrier_control()
         return value
-    dist.barrier(group=_control)
+    barrier_control()
     return fn()

@@ -32,15 +32,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     t_start = time.time()
     run = build(cfg, resume=resume, overwrite=overwrite, ds_config=ds_config)
     try:
-        return _train(run, t_start, run.resuming, resume_command)
+        return _train(run, t_start, resume_command)
     finally:
         if run.lock:
             run.lock.release()
 
 
-def _train(run: Run, t_start: float, resume: bool, resume_command: str) -> dict:
+def _train(run: Run, t_start: float, resume_command: str) -> dict:
     cfg = run.cfg
-    if resume:
+    if run.resuming:
         run.resume()
     start(run)
     state, t = run.state, cfg.train
