@@ -16,6 +16,7 @@ Dropout stays on: global rank r seeds the same generators whichever node it sits
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -196,17 +197,17 @@ def test_two_nodes_fsdp2_and_zero2_equal_one_node(assets, one_node):
     assert_same_losses("zero2, 2 nodes (deepspeed --no_ssh)", metrics_by_step(out), one_node)
 
 
-@pytest.mark.skip(reason="passes alone (64 s); in a loaded full run torchrun's second attempt failed "
-                         "in init_process_group (gloo connectFullMesh: connection refused to "
-                         "127.0.0.1), before any of the trainer's code; see the issue 20 note")
+@pytest.mark.slow
 def test_auto_restart_with_overwrite_continues_and_finishes(assets):
-    """torchrun --max-restarts 1 reruns the same command, --overwrite included, after a rank
+    """torchrun --max-restarts reruns the same command, --overwrite included, after a rank
     is killed: the restart must continue the checkpoints its first attempt wrote (not delete
-    them) and finish at train.max_steps."""
+    them) and finish at train.max_steps. The agent may restart more than once: on a loaded host
+    a restarted attempt has failed in gloo's connectFullMesh before any of the trainer's code
+    (seen once in a full CI-like run), which is what --max-restarts is for on a real job too."""
     out = assets["d"] / "restart"
     log = assets["d"] / "restart.log"
     p = start([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "--max-restarts", "1", SCRIPT,
+               "--max-restarts", "3", SCRIPT,
                *args(assets, out, "parallel.backend=ddp", "--overwrite")],
               assets["d"] / "home-restart", log)
     wait_file(out / "checkpoints" / "step-00000004" / "COMPLETE", [p])
@@ -214,7 +215,8 @@ def test_auto_restart_with_overwrite_continues_and_finishes(assets):
     p.wait(timeout=600)
     text = log.read_text()
     assert p.returncode == 0, text[-4000:]
-    assert "this is restart 1 of the job (TORCHELASTIC_RESTART_COUNT=1)" in text, text[-4000:]
+    assert re.search(r"this is restart [1-3] of the job \(TORCHELASTIC_RESTART_COUNT=[1-3]\)",
+                     text), text[-4000:]
     resumed = int(text.split("resume: ")[-1].split("(step ")[1].split(")")[0])
     assert resumed >= 4
     m = metrics_by_step(out)
