@@ -3,7 +3,6 @@ estimators and against activations measured on a real (tiny) student, and its er
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from distil_scale.config import ConfigError, load_config
 from distil_scale.ds_config import load_ds_config
 from distil_scale.tools.plan import GiB, PAPER, main, make_plan
-from fixtures import PYTHON, REPO, run_env
+from fixtures import REPO
 
 RTX = str(REPO / "ds_configs" / "rtx4070.json")
 V100 = str(REPO / "ds_configs" / "v100x8.json")
@@ -151,12 +150,6 @@ def test_contradicting_batch_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 .* contradicts "
                                           "train.micro_batch=16"):
         main(["--ds", str(path), "--gpu-mem-gib", "12"])
-    r = subprocess.run([PYTHON, str(REPO / "launch" / "plan.py"), "--ds", str(path),
-                        "--gpu-mem-gib", "12"], env=run_env(), capture_output=True, text=True,
-                       cwd=REPO, timeout=120)
-    assert r.returncode == 2
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "contradicts train.micro_batch=16" in errors[0], r.stderr
 
 
 @pytest.mark.parametrize("gib", ["0", "-4"])
