@@ -11,11 +11,14 @@ conftest.py registers pytest fixtures built from these; test files import what t
     tiny_overrides(teacher, corpus, out)          a small pretraining run's key=value list
     save_family_teacher(model_type, dir) -> dir   a tiny teacher of any supported family
     run_env(), launch_cmd(), run(), run_launcher() spawned processes (CPU, gloo, offline)
+    pretrain_in_process(args, env) -> Result     launch/pretrain.py's main, in this process
     read_metrics(run_dir) -> [row]; metrics_by_step(run_dir) -> {step: row}
     start(argv, log) -> Popen; wait_for(path, proc); kill_all_of(out)   SIGKILL a whole job
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -399,6 +402,41 @@ def run_launcher(script: str, args: list[str], timeout: int = 600,
     """``python launch/<script> args``; the result, whatever its exit code."""
     return subprocess.run([PYTHON, str(REPO / "launch" / script), *args], capture_output=True,
                           text=True, timeout=timeout, env=run_env(**(env or {})), cwd=REPO)
+
+
+class Result:
+    """What a finished launcher left: its exit code and what it printed."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def pretrain_in_process(args: list[str], env: dict | None = None) -> Result:
+    """``python launch/pretrain.py args`` without the process: the same main (its one-line
+    errors and exit codes included), with ``env`` set for the call only. A process start costs
+    ~10 s of imports here; the launcher's own start is tested once per console script."""
+    # on use, as this module's other heavy imports: conftest imports fixtures for every test
+    from distil_scale.pretrain_cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    argv, sys.argv = sys.argv, [str(REPO / "launch" / "pretrain.py"), *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                rc = 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Result(rc, out.getvalue(), err.getvalue())
 
 
 def run(cmd: list[str], timeout: int = 600) -> str:

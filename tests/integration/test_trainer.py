@@ -1,14 +1,18 @@
-"""End-to-end runs of launch/pretrain.py on a tiny real teacher and a corpus made in code."""
+"""End-to-end runs of launch/pretrain.py's main, in process, on a tiny real teacher and a
+corpus made in code (the launcher's own start: tests/integration/test_console_scripts.py and
+test_demo.py)."""
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import DistilBertForMaskedLM, pipeline
 
-from fixtures import make_tiny_teacher, read_metrics, run_launcher, tiny_overrides
+from fixtures import make_tiny_teacher, pretrain_in_process, read_metrics, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_teacher, corpus):
     out = tmp_path_factory.mktemp("run") / "r"
-    r = run_launcher("pretrain.py", tiny_overrides(tiny_teacher, corpus, out))
+    r = pretrain_in_process(tiny_overrides(tiny_teacher, corpus, out))
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -22,8 +26,6 @@ def test_run_directory_layout(finished_run):
 
 
 def test_metrics_jsonl_and_tensorboard_agree(finished_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     out, _ = finished_run
     rows = read_metrics(out)
     train_rows = [m for m in rows if "loss/total" in m]
@@ -58,8 +60,6 @@ def test_checkpoints_complete_and_pruned(finished_run):
 
 
 def test_export_loads_with_stock_transformers(finished_run):
-    from transformers import DistilBertForMaskedLM, pipeline
-
     out, _ = finished_run
     model = DistilBertForMaskedLM.from_pretrained(out / "student")
     assert model.config.n_layers == 2
@@ -73,10 +73,10 @@ def test_export_loads_with_stock_transformers(finished_run):
 def test_refuses_existing_run_then_resumes(finished_run, tiny_teacher, corpus):
     out, _ = finished_run
     before = (out / "metrics.jsonl").read_text()
-    r = run_launcher("pretrain.py", tiny_overrides(tiny_teacher, corpus, out))
+    r = pretrain_in_process(tiny_overrides(tiny_teacher, corpus, out))
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
     assert (out / "metrics.jsonl").read_text() == before
-    r = run_launcher("pretrain.py", tiny_overrides(tiny_teacher, corpus, out,
+    r = pretrain_in_process(tiny_overrides(tiny_teacher, corpus, out,
                                                    **{"train.max_steps": 8}) + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resume:" in r.stdout and "step 6" in r.stdout
@@ -85,7 +85,7 @@ def test_refuses_existing_run_then_resumes(finished_run, tiny_teacher, corpus):
 
 
 def test_batch_arithmetic_is_checked(tmp_path, tiny_teacher, corpus):
-    r = run_launcher("pretrain.py", tiny_overrides(tiny_teacher, corpus, tmp_path / "r",
+    r = pretrain_in_process(tiny_overrides(tiny_teacher, corpus, tmp_path / "r",
                                                    **{"train.global_batch": 10}))
     assert r.returncode == 2
     assert "train.global_batch: 10 is not divisible by train.micro_batch 4" in r.stderr
@@ -96,9 +96,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_teacher, cor
     common = {"student.dropout": 0, "student.attention_dropout": 0, "train.global_batch": 8,
               "train.max_steps": 4, "train.log_every": 1, "train.eval_every": 100,
               "data.prefetch": 0}
-    a = run_launcher("pretrain.py", tiny_overrides(tiny_teacher, corpus, tmp_path / "a",
+    a = pretrain_in_process(tiny_overrides(tiny_teacher, corpus, tmp_path / "a",
                                                    **common, **{"train.micro_batch": 8}))
-    b = run_launcher("pretrain.py", tiny_overrides(tiny_teacher, corpus, tmp_path / "b",
+    b = pretrain_in_process(tiny_overrides(tiny_teacher, corpus, tmp_path / "b",
                                                    **common, **{"train.micro_batch": 2}))
     assert a.returncode == 0 and b.returncode == 0, (a.stderr[-1500:], b.stderr[-1500:])
     la = [m["loss/total"] for m in read_metrics(tmp_path / "a") if "loss/total" in m]
@@ -111,17 +111,17 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_teacher, cor
 def test_headless_teacher_refused_or_prepared(tmp_path, corpus):
     enc = make_tiny_teacher(tmp_path / "enc", layers=2, with_head=False)
     base = tiny_overrides(enc, corpus, tmp_path / "r1")
-    r = run_launcher("pretrain.py", base + ["teacher.prepare_steps=0"])
+    r = pretrain_in_process(base + ["teacher.prepare_steps=0"])
     assert r.returncode == 2 and "has no MLM head" in r.stderr and "Traceback" not in r.stderr
     env = {"DISTIL_SCALE_CACHE": str(tmp_path / "cache")}
-    r = run_launcher("pretrain.py", base + ["teacher.prepare_steps=4", "teacher.prepare_batch=4",
+    r = pretrain_in_process(base + ["teacher.prepare_steps=4", "teacher.prepare_batch=4",
                                             "train.max_steps=2"], env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "preparing it for 4 steps" in r.stdout
     assert "held-out masked-token accuracy" in r.stdout
     prepared = list((tmp_path / "cache" / "teachers").iterdir())
     assert len(prepared) == 1 and (prepared[0] / "PREPARED.json").is_file()
-    r = run_launcher("pretrain.py", tiny_overrides(enc, corpus, tmp_path / "r2")
+    r = pretrain_in_process(tiny_overrides(enc, corpus, tmp_path / "r2")
                      + ["teacher.prepare_steps=4", "teacher.prepare_batch=4",
                         "train.max_steps=2"], env=env)
     assert r.returncode == 0 and "preparing" not in r.stdout  # reused
