@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -416,12 +417,23 @@ def pretrain_in_process(args: list[str], env: dict | None = None) -> Result:
     errors and exit codes included), with ``env`` set for the call only. A process start costs
     ~10 s of imports here; the launcher's own start is tested once per console script."""
     # on use, as this module's other heavy imports: conftest imports fixtures for every test
+    import torch
+
     from distil_scale.pretrain_cli import main
 
     out, err = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
     argv, sys.argv = sys.argv, [str(REPO / "launch" / "pretrain.py"), *args]
+    # one thread, as run_env gives a spawned launcher: a run resumed here from a spawned run's
+    # checkpoint sums in the same order, so its losses match to the last bit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # the launcher's warnings reach stderr as they would from its own process (pytest has
+    # already given the root logger handlers, so the launcher's basicConfig adds none)
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -431,6 +443,8 @@ def pretrain_in_process(args: list[str], env: dict | None = None) -> Result:
                 rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = argv
+        torch.set_num_threads(threads)
+        logging.getLogger().removeHandler(handler)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from fixtures import make_tiny_teacher, run_launcher, tiny_overrides
+from fixtures import make_tiny_teacher, pretrain_in_process, tiny_overrides
 from distil_scale import pretrain_cli
 
 
@@ -150,10 +150,10 @@ def test_nothing_overwritten_by_a_refused_run(tmp_path, tiny_teacher, corpus):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     (out / "notes.txt").write_text("mine")
-    r = run_launcher("pretrain.py", tiny_overrides(tiny_teacher, corpus, out))
+    r = pretrain_in_process(tiny_overrides(tiny_teacher, corpus, out))
     assert r.returncode == 2 and "holds another run" in r.stderr
     # a bad input with --overwrite fails before the old run is cleared
-    r = run_launcher("pretrain.py", tiny_overrides(tiny_teacher, corpus, out)
+    r = pretrain_in_process(tiny_overrides(tiny_teacher, corpus, out)
                      + ["--overwrite", "teacher.name_or_path=/no/such/dir"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'

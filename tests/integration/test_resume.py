@@ -5,7 +5,8 @@ import signal
 
 import pytest
 
-from fixtures import PYTHON, REPO, read_metrics, run_launcher, start, tiny_overrides, wait_for
+from fixtures import (PYTHON, REPO, pretrain_in_process, read_metrics, start, tiny_overrides,
+                      wait_for)
 
 STEPS, EVERY = 40, 5
 
@@ -30,7 +31,7 @@ def _start(args, log):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_teacher, corpus):
     out = tmp_path_factory.mktemp("ref") / "r"
-    r = run_launcher("pretrain.py", _args(tiny_teacher, corpus, out))
+    r = pretrain_in_process(_args(tiny_teacher, corpus, out))
     assert r.returncode == 0, r.stderr[-2000:]
     return _train_rows(out)
 
@@ -45,7 +46,7 @@ def _kill_then_resume(args, out, reference):
     done = {int(p.name[5:]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step")}
     killed_at = max(_train_rows(out))
     assert killed_at < STEPS, "the run finished before the kill; make it longer"
-    r = run_launcher("pretrain.py", args + ["--resume"])
+    r = pretrain_in_process(args + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     resumed_from = max(s for s in done if s <= killed_at)
     assert f"(step {resumed_from})" in r.stdout
@@ -73,7 +74,7 @@ def test_sigkill_then_resume_is_exact_on_prepared_shards(tmp_path, tiny_teacher,
                                  shard_sequences=64, heldout_fraction=0.1), shards,
                    say=lambda s: None)
     ref = tmp_path / "ref"
-    r = run_launcher("pretrain.py", _args(tiny_teacher, shards, ref))
+    r = pretrain_in_process(_args(tiny_teacher, shards, ref))
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "r"
     _kill_then_resume(_args(tiny_teacher, shards, out), out, _train_rows(ref))
@@ -93,7 +94,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, tiny_teacher, corpus, refe
     step = int(stdout.split("preempted: checkpoint saved at step ")[1].split(";")[0])
     assert step < STEPS
     assert (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file()
-    r = run_launcher("pretrain.py", args + ["--resume"])
+    r = pretrain_in_process(args + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _train_rows(out)
     assert rows[STEPS]["loss/total"] == pytest.approx(reference[STEPS]["loss/total"], abs=1e-6)
@@ -102,13 +103,13 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, tiny_teacher, corpus, refe
 def test_unfinished_and_corrupt_checkpoints_are_skipped(tmp_path, tiny_teacher, corpus):
     out = tmp_path / "r"
     args = _args(tiny_teacher, corpus, out, **{"train.max_steps": 10})
-    assert run_launcher("pretrain.py", args).returncode == 0
+    assert pretrain_in_process(args).returncode == 0
     ck = out / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000005", "step-00000010"]
     (ck / "step-00000010" / "engine.pt").write_bytes(b"not a checkpoint")  # corrupt latest
     shutil.copytree(ck / "step-00000005", ck / "step-00000099")
     (ck / "step-00000099" / "COMPLETE").unlink()  # a newer one that never finished
-    r = run_launcher("pretrain.py", _args(tiny_teacher, corpus, out,
+    r = pretrain_in_process(_args(tiny_teacher, corpus, out,
                                           **{"train.max_steps": 12}) + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step-00000099 has no COMPLETE marker" in r.stderr
@@ -131,7 +132,7 @@ def test_keep_last_never_deletes_the_only_complete_checkpoint(tmp_path):
 
 def test_diverging_run_stops_after_k_nonfinite_steps(tmp_path, tiny_teacher, corpus):
     out = tmp_path / "r"
-    r = run_launcher("pretrain.py", tiny_overrides(
+    r = pretrain_in_process(tiny_overrides(
         tiny_teacher, corpus, out, **{"train.lr": 1e25, "train.warmup_steps": 0,
                                       "train.max_grad_norm": 0, "train.max_nonfinite_steps": 3,
                                       "train.max_steps": 20, "train.log_every": 1}))
@@ -196,19 +197,19 @@ def test_a_text_stream_on_another_world_size_needs_restart_data(tmp_path, tiny_t
 
     out = tmp_path / "r"
     args = _args(tiny_teacher, corpus, out, **{"train.max_steps": 3, "checkpoint.every_steps": 3})
-    assert run_launcher("pretrain.py", args).returncode == 0
+    assert pretrain_in_process(args).returncode == 0
     marker = out / "checkpoints" / "step-00000003" / "COMPLETE"
     meta = json.loads(marker.read_text())
     assert meta["world_size"] == 1
     # as a 2-rank run writes it (rank 0's trainer file is the one another world reads)
     marker.write_text(json.dumps({**meta, "world_size": 2}))
-    r = run_launcher("pretrain.py", args + ["--resume"])
+    r = pretrain_in_process(args + ["--resume"])
     assert r.returncode == 2, r.stderr[-2000:]
     assert ("written by 2 processes and this run has 1; a text stream's position is per rank "
             "and cannot be re-dealt: resume with 2, or pass --restart-data") in r.stderr
     assert "Traceback" not in r.stderr
     assert marker.is_file()  # nothing already written is lost
-    r = run_launcher("pretrain.py", args + ["--resume", "--restart-data", "train.max_steps=4"])
+    r = pretrain_in_process(args + ["--resume", "--restart-data", "train.max_steps=4"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert ("resume: step 3 written by 2 processes, continuing on 1: --restart-data: the text "
             "stream starts again from its beginning") in r.stdout
