@@ -186,6 +186,10 @@ class ParallelConfig:
     backend: Literal["plain", "ddp", "fsdp", "deepspeed"] = "plain"
     # how long a collective waits for the slowest rank before the job fails
     timeout_minutes: float = 30.0
+    # fsdp only: shard over groups of this many consecutive ranks and replicate across the
+    # groups (hybrid sharding, HSDP); the GPUs per node keeps the per-micro-step gathers and
+    # reduce-scatters on the fast links inside a node. 0 shards over every rank
+    fsdp_shard_degree: int = 0
 
 
 @dataclass
@@ -243,6 +247,11 @@ class Config:
         _check(self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(self.train.max_wall_minutes >= 0, "train.max_wall_minutes", "must be >= 0 (0 = off)")
         _check(self.parallel.timeout_minutes > 0, "parallel.timeout_minutes", "must be > 0")
+        _check(self.parallel.fsdp_shard_degree >= 0, "parallel.fsdp_shard_degree",
+               "must be >= 0 (0 shards over every rank; the GPUs per node for hybrid sharding)")
+        _check(self.parallel.fsdp_shard_degree == 0 or self.parallel.backend == "fsdp",
+               "parallel.fsdp_shard_degree", f"shards the fsdp backend only; this run's is "
+               f"'{self.parallel.backend}': add parallel.backend=fsdp or drop the setting")
         _check(self.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
         _check(self.data.max_seq_len >= 8, "data.max_seq_len", "must be >= 8")
         _check(self.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = off)")
@@ -417,6 +426,8 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
 # the optimisation it continues.
 RESUMABLE = ("train.max_steps", "train.log_every", "train.eval_every",
              "train.max_nonfinite_steps", "train.max_wall_minutes", "parallel.timeout_minutes",
+             # how the same model is sharded: DCP reshards on load
+             "parallel.fsdp_shard_degree",
              "checkpoint.", "metrics.", "data.prefetch",
              "data.tokenize_workers", "data.max_retries", "data.cache_dir",
              "data.restart_on_world_change", "run.output_dir")

@@ -55,6 +55,7 @@ class Engine:
     """Single-process torch engine; DDP and FSDP subclass it."""
 
     name = "plain"
+    layout = ""  # how the model is laid over the ranks, where the backend's name does not say
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, adam_eps: float,
                  warmup_steps: int, total_steps: int, max_grad_norm: float, precision: str,

@@ -14,6 +14,11 @@ the model and optimizer under ``dcp/`` and reads back what its shards need, so D
 checkpoint onto another number of processes as it loads (2 -> 1 and 1 -> 2 are tested); the
 small replicated rest (scheduler, scaler) is ``engine_rest.pt``.
 The frozen teacher is not sharded: it stays a plain replicated module on every rank.
+
+``parallel.fsdp_shard_degree=k`` (k the GPUs per node) is hybrid sharding (HSDP): a 2-D mesh of
+world/k replicas x k shards, so the gathers and reduce-scatters of every micro-step stay inside
+a node and only the gradient all-reduce across replicas crosses nodes. DCP saves each shard
+once (the replicas' copies are deduplicated) and loads onto either layout.
 """
 from __future__ import annotations
 
@@ -41,13 +46,20 @@ from .base import Engine, transformer_blocks
 class FSDPEngine(Engine):
     name = "fsdp"
 
+    def __init__(self, model: nn.Module, *, shard_degree: int = 0, **kw):
+        self.shard_degree = shard_degree
+        super().__init__(model, **kw)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         ensure_process_group(self.device)
         if self.precision == "fp16":
             raise ConfigError("train.precision: fp16 is not supported with parallel.backend="
                               "fsdp here; use bf16 (or the deepspeed backend, whose fp16 has "
                               "loss scaling)")
-        self.mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        self.mesh = fsdp_mesh(self.device.type, dist.get_world_size(), self.shard_degree)
+        if self.mesh.ndim == 2:
+            self.layout = (f" (hybrid: {self.mesh.size(0)} replicas x {self.mesh.size(1)} "
+                           "shards)")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16" else MixedPrecisionPolicy()
         for block in transformer_blocks(model):
@@ -101,6 +113,18 @@ class FSDPEngine(Engine):
         """All ranks gather (a collective); rank 0 gets a fresh fp32 copy of the student."""
         full = self.full_state_dict()
         return None if full is None else rebuild_student(self.raw_module, full)
+
+
+def fsdp_mesh(device_type: str, world: int, shard_degree: int):
+    """1-D over every rank, or (replicate, shard) for hybrid sharding; fully_shard takes both."""
+    if not shard_degree or shard_degree == world:
+        return init_device_mesh(device_type, (world,))
+    if world % shard_degree:
+        raise ConfigError(f"parallel.fsdp_shard_degree: {shard_degree} does not divide the "
+                          f"{world} processes; use the processes per node (a divisor of "
+                          f"{world}) or 0 to shard over every rank")
+    return init_device_mesh(device_type, (world // shard_degree, shard_degree),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def dcp_problem(dcp_dir: Path) -> str | None:

@@ -301,12 +301,19 @@ def _build(cfg: Config, rt: runtime.Runtime, out: Path, lock: RunLock | None, *,
         student, lr=t.lr, weight_decay=t.weight_decay,
         adam_eps=t.adam_eps, warmup_steps=t.warmup_steps, total_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm, precision=rt.precision, accum_steps=accum,
-        device=rt.device, compile=t.compile, **({"ds_config": ds_config} if ds_config else {}))
+        device=rt.device, compile=t.compile, **engine_options(cfg, ds_config))
     eval_batches = fixed_eval_batches(eval_ids, make_eval_masker(tokenizer, cfg.masking), micro)
     prepare_output_dir(out, resume, overwrite, rt.is_main)
     barrier()
     return Run(cfg, rt, out, tokenizer, teacher, teacher_info, student_mlm, layer_map, state,
                state.loader, engine, ckpts, eval_batches, lock)
+
+
+def engine_options(cfg: Config, ds_config: dict | None) -> dict:
+    """What one backend's constructor takes beyond the common arguments."""
+    if cfg.parallel.backend == "fsdp":
+        return {"shard_degree": cfg.parallel.fsdp_shard_degree}
+    return {"ds_config": ds_config} if ds_config else {}
 
 
 def start(run: Run) -> None:
@@ -325,8 +332,8 @@ def start(run: Run) -> None:
     # ZeRO-3 leaves each rank an empty shard of every parameter; ds_numel is the full size
     run.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.student_mlm.parameters())
     say, w, t = rt.say, run.weights, cfg.train
-    say(f"run: {run.out.resolve()}  backend {run.engine.name} x{rt.world}  precision "
-        f"{rt.precision}  device {rt.device}")
+    say(f"run: {run.out.resolve()}  backend {run.engine.name} x{rt.world}{run.engine.layout}  "
+        f"precision {rt.precision}  device {rt.device}")
     say(f"student: {type(run.student_mlm).__name__} {len(run.layer_map)} layers, "
         f"{run.n_params / 1e6:.1f}M params, init {cfg.student.init}"
         + (f" from teacher layers {run.layer_map}" if cfg.student.init == "teacher" else ""))

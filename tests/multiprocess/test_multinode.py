@@ -6,7 +6,7 @@ control group forced on as on an NCCL job.
   SIGTERM to one node's ranks (all four ranks stop at the same step, exit 0, one complete
   checkpoint), ``--resume``, SIGKILL of both agents and every rank, ``--resume`` to the end.
   The chained run's losses equal an uninterrupted 1 node x 4 ranks run's to 1e-5 at every step.
-- FSDP2 through the same rendezvous, and ZeRO-2 through DeepSpeed's own multi-node form
+- FSDP2 hybrid-sharded (inside a node, replicated across) through the same rendezvous, and ZeRO-2 through DeepSpeed's own multi-node form
   (a hostfile, ``--no_ssh --node_rank N``), each equal to the same 1 x 4 run.
 
 The teacher has no MLM head, so it is prepared: on the simulated nodes each HOME is its own,
@@ -183,11 +183,14 @@ def test_two_nodes_ddp_stop_kill_resume_equals_one_node(assets, one_node):
 
 @pytest.mark.slow
 def test_two_nodes_fsdp2_and_zero2_equal_one_node(assets, one_node):
+    # hybrid sharding, as across real nodes: shard inside each node, replicate across them
+    # (FSDP2 over every rank is what tests/multiprocess/test_world_change.py runs)
     out = assets["d"] / "fsdp"
     logs = finish(assets, "fsdp", torchrun_nodes(assets, "fsdp", args(
-        assets, out, "parallel.backend=fsdp")))
+        assets, out, "parallel.backend=fsdp", "parallel.fsdp_shard_degree=2")))
     check_ranks(logs)
-    assert_same_losses("fsdp2, 2 nodes", metrics_by_step(out), one_node)
+    assert "backend fsdp x4 (hybrid: 2 replicas x 2 shards)" in logs, logs[-4000:]
+    assert_same_losses("fsdp2 hybrid-sharded, 2 nodes", metrics_by_step(out), one_node)
 
     out = assets["d"] / "zero2"
     logs = finish(assets, "zero2", deepspeed_nodes(assets, "zero2", args(

@@ -6,6 +6,7 @@ import yaml
 from distil_scale.assets import CONFIGS
 from distil_scale.config import (Config, ConfigError, config_changes, load_config,
                                    parse_overrides, to_dict)
+from distil_scale.engine.fsdp import fsdp_mesh
 from distil_scale.glue.config import CONFIG_DIR
 from fixtures import REPO
 
@@ -39,12 +40,25 @@ def test_yaml_then_overrides(tmp_path):
     ("loss.temperature=0", "loss.temperature: must be > 0"),
     ("masking.mlm_prob=1.5", "masking.mlm_prob: must be in (0, 1)"),
     ("masking.mask_frac=0.9", "masking.mask_frac"),
+    ("parallel.fsdp_shard_degree=-1", "parallel.fsdp_shard_degree: must be >= 0"),
+    ("parallel.fsdp_shard_degree=2", "parallel.fsdp_shard_degree: shards the fsdp backend "
+                                     "only; this run's is 'plain'"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_hybrid_sharding_needs_a_divisor_of_the_world():
+    with pytest.raises(ConfigError) as e:
+        fsdp_mesh("cpu", 4, 3)  # refused before any process group is needed
+    assert str(e.value) == ("parallel.fsdp_shard_degree: 3 does not divide the 4 processes; use "
+                            "the processes per node (a divisor of 4) or 0 to shard over every "
+                            "rank")
+    cfg = load_config(None, ["parallel.backend=fsdp", "parallel.fsdp_shard_degree=2"])
+    assert cfg.parallel.fsdp_shard_degree == 2
 
 
 def test_override_syntax():
