@@ -5,7 +5,7 @@ Ranks get disjoint sets of whole shards (files, or parquet row groups) whenever 
 least as many shards as ranks, so no rank downloads the corpus to keep one row in ``world``;
 only a corpus of fewer shards than ranks is split row by row. The order of the shards is
 shuffled by seed; rows within a shard keep their order, and the shuffle buffer that mixes them
-is ours (loader.py), because datasets' buffer is not part of its state_dict.
+is ours (stream.py), because datasets' buffer is not part of its state_dict.
 """
 from __future__ import annotations
 

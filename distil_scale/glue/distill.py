@@ -17,8 +17,10 @@ from .config import GlueConfig
 from ..hub import load_tokenizer, resolve_model_path
 from ..losses import soft_target_kl
 from .modeling import load_for_finetune, load_teacher, same_vocab, student_from_teacher
-from .runner import (Prepared, claimed_runtime, default_out_dir, encode, fmt_metrics, log,
-                     make_collate, model_inputs, prepare_data, run_seeds, score)
+from .batches import encode, make_collate, model_inputs
+from .rundir import claimed_runtime, default_out_dir
+from .runner import Prepared, prepare_data, run_seeds
+from .scoring import fmt_metrics, score
 from .tasks import Task
 from . import metrics as M
 
@@ -99,10 +101,10 @@ def distill_task(task: Task, teacher_spec: str, student_spec: str, cfg: GlueConf
         t_metrics = score(task, "dev", teacher, rows, collate, d, cfg)
         base = M.majority_baseline(task, [e.label for e in splits.train], "dev",
                                    [e.label for e in splits.select])
-        log(d, f"teacher {teacher_spec}: {splits.select_name} {fmt_metrics(t_metrics, base)}")
+        d.say(f"teacher {teacher_spec}: {splits.select_name} {fmt_metrics(t_metrics, base)}")
         if t_metrics[task.main_metric] <= base[task.main_metric]:
-            log(d, f"warning: the teacher does not beat the majority baseline on "
-                   f"{splits.select_name} ({task.main_metric}); its soft labels carry little")
+            d.say(f"warning: the teacher does not beat the majority baseline on "
+                  f"{splits.select_name} ({task.main_metric}); its soft labels carry little")
 
         def build(seed: int):
             if init is not None:

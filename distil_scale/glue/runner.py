@@ -1,20 +1,17 @@
-"""Fine-tune (or task-distil) one model on one GLUE task: the loop, evaluation, results.json.
+"""Fine-tune (or task-distil) one model on one GLUE task: the training loop and the seeds; the
+``finetune`` entry point.
 
 One loop serves both launchers; only the loss differs (:class:`FinetuneLoss` / the task
 distillation loss in :mod:`distil_scale.glue.distill`). Under ``torchrun`` the student is wrapped
-in DDP on gloo (CPU) or NCCL (CUDA), the training set is split with a DistributedSampler, each rank
-scores a strided slice of the evaluation set and the predictions are gathered, so every rank sees
-the same metric and only rank 0 writes.
+in DDP on gloo (CPU) or NCCL (CUDA) and the training set is split with a DistributedSampler;
+scoring is in :mod:`.scoring`, the batches in :mod:`.batches`, the output directory (checked,
+locked, written by rank 0 only) in :mod:`.rundir`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
-import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -23,90 +20,25 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .. import runtime
-from ..config import dump_yaml
 from ..distributed import from_rank0
-from ..ds_config import read_ds_json, reconcile
+from ..ds_config import reconcile
 from ..engine import engine_class
 from ..engine.deepspeed import zero_stage
 from ..errors import UserError
-from ..fsio import atomic_write, claim_output_dir, replace_dir
 from ..hub import load_tokenizer, resolve_model_path
 from ..metrics import MetricsLogger
 from ..train.step import Window, mean_over_ranks, nonfinite_run, train_step
 from . import metrics as M
+from .batches import encode, make_collate, model_inputs
 from .config import GlueConfig
-from .data import Example, Splits, load_raw, make_splits
+from .data import Splits, load_raw, make_splits
 from .modeling import check_encoder, load_for_finetune
+from .rundir import claimed_runtime, default_out_dir, save_run, start_output_dir, write_results
+from .scoring import fmt_metrics, score
 from .tasks import Task
-
-
-# ----------------------------------------------------------------------------------------------
-# the runtime: process group, device, precision (distil_scale.runtime, as pretraining)
-
-
-def setup_runtime(cfg: GlueConfig):
-    """Join the launcher's process group (torchrun, deepspeed, accelerate launch) and resolve
-    device and precision once; ``parallel.backend=auto`` is ddp under a launcher, else plain."""
-    backend = cfg.parallel.backend
-    if backend == "auto":
-        backend = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "plain"
-    ds = None
-    if backend == "deepspeed":
-        ds = read_ds_json(cfg.parallel.ds_config, "parallel.ds_config")
-    rt = runtime.resolve(engine=engine_class(backend), precision=cfg.train.precision,
-                         ds_config=ds)
-    return rt, backend, ds
-
-
-def log(rt, msg: str) -> None:
-    rt.say(msg)
-
-
-# ----------------------------------------------------------------------------------------------
-# batches
-
-
-def encode(tokenizer, examples: list[Example], max_length: int) -> list[dict]:
-    a = [e.text_a for e in examples]
-    b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
-    enc = tokenizer(a, b, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    return [{**{k: enc[k][i] for k in keys}, "labels": ex.label}
-            for i, ex in enumerate(examples)]
-
-
-def make_collate(pad_id: int, regression: bool):
-    def collate(rows: list[dict]) -> dict:
-        n = max(len(r["input_ids"]) for r in rows)  # pad to the batch's longest, not to 128
-        out = {}
-        for k in ("input_ids", "attention_mask", "token_type_ids"):
-            if k in rows[0]:
-                fill = pad_id if k == "input_ids" else 0
-                out[k] = torch.tensor([r[k] + [fill] * (n - len(r[k])) for r in rows])
-        out["labels"] = torch.tensor([r["labels"] for r in rows],
-                                     dtype=torch.float if regression else torch.long)
-        return out
-
-    return collate
-
-
-def model_inputs(model, batch: dict) -> dict:
-    """The batch minus what ``model.forward`` does not take (DistilBERT: token_type_ids)."""
-    inner = getattr(model, "module", model)
-    keys = getattr(inner, "_glue_forward_keys", None)
-    if keys is None:
-        keys = set(inspect.signature(inner.forward).parameters)
-        inner._glue_forward_keys = keys
-    return {k: v for k, v in batch.items() if k in keys}
-
-
-# ----------------------------------------------------------------------------------------------
-# losses
 
 
 class FinetuneLoss:
@@ -115,54 +47,6 @@ class FinetuneLoss:
     def __call__(self, model, batch: dict):
         out = model(**model_inputs(model, batch))
         return out.loss, {"task": out.loss.detach()}
-
-
-# ----------------------------------------------------------------------------------------------
-# evaluation
-
-
-def predict(model, rows: list[dict], collate, d, batch_size: int, regression: bool) -> list:
-    """Predictions for every row, in order; each rank scores rows rank, rank+world, ..."""
-    mine = list(range(d.rank, len(rows), d.world))
-    preds = []
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(mine), batch_size):
-            batch = collate([rows[j] for j in mine[i:i + batch_size]])
-            batch.pop("labels")
-            batch = {k: v.to(d.device) for k, v in batch.items()}
-            with d.autocast():
-                logits = model(**model_inputs(model, batch)).logits.float()
-            preds += (logits[:, 0] if regression else logits.argmax(-1)).tolist()
-    model.train()
-    if d.world == 1:
-        return preds
-    gathered = [None] * d.world
-    dist.all_gather_object(gathered, list(zip(mine, preds)))
-    out = [None] * len(rows)
-    for part in gathered:
-        for j, p in part:
-            out[j] = p
-    return out
-
-
-def score(task: Task, split: str, model, rows, collate, d, cfg: GlueConfig) -> dict:
-    preds = predict(model, rows, collate, d, cfg.train.eval_batch_size, task.is_regression)
-    return M.compute(M.split_metric_names(task, split), preds, [r["labels"] for r in rows])
-
-
-def fmt_metrics(values: dict, baseline: Optional[dict] = None) -> str:
-    parts = []
-    for k, v in values.items():
-        s = f"{k} {v:.3f}"
-        if baseline and k in baseline:
-            s += f" (majority {baseline[k]:.3f})"
-        parts.append(s)
-    return "  ".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------
-# one run
 
 
 @dataclass
@@ -309,9 +193,9 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
     sizes = [f"train {len(rows.train)} (of {splits.train_total})",
              f"{splits.select_name} {len(rows.select)}"]
     sizes += [f"{k} {len(v)}" for k, v in rows.report.items() if k != splits.select_name]
-    log(d, f"{task.name}: " + "  ".join(sizes) + f"  | {len(loader)} steps/epoch x "
-           f"{tc.epochs}  batch {tc.batch_size}" + (f" ({d.world} ranks)" if d.world > 1 else "")
-           + f"  seed {seed}  {engine.name} {d.precision}")
+    d.say(f"{task.name}: " + "  ".join(sizes) + f"  | {len(loader)} steps/epoch x "
+          f"{tc.epochs}  batch {tc.batch_size}" + (f" ({d.world} ranks)" if d.world > 1 else "")
+          + f"  seed {seed}  {engine.name} {d.precision}")
     history, best, best_state = [], None, None
     engine.module.train()
     for epoch in range(1, tc.epochs + 1):
@@ -321,10 +205,10 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
         metrics.log(steps.step, {"train/epoch_loss": train_loss,
                                  **{f"eval/{splits.select_name}_{k}": v for k, v in sel.items()}})
         history.append({"epoch": epoch, "train_loss": train_loss, splits.select_name: sel})
-        log(d, f"epoch {epoch}/{tc.epochs}  train_loss {train_loss:.3f}  {splits.select_name} "
-               f"{fmt_metrics({task.main_metric: sel[task.main_metric]}, rows.baseline_select)}"
-               + (f"  {fmt_metrics({k: v for k, v in sel.items() if k != task.main_metric})}"
-                  if len(sel) > 1 else "") + f"  [{time.time() - t0:.0f} s]")
+        d.say(f"epoch {epoch}/{tc.epochs}  train_loss {train_loss:.3f}  {splits.select_name} "
+              f"{fmt_metrics({task.main_metric: sel[task.main_metric]}, rows.baseline_select)}"
+              + (f"  {fmt_metrics({k: v for k, v in sel.items() if k != task.main_metric})}"
+                 if len(sel) > 1 else "") + f"  [{time.time() - t0:.0f} s]")
         # every rank sees the same gathered score, so every rank takes this branch
         if best is None or sel[task.main_metric] > best[task.main_metric]:
             best, best_epoch = sel, epoch
@@ -352,99 +236,14 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
                  "device": str(d.device), "cpu_count": os.cpu_count()},
         **(extra or {}),
     }
-    log(d, f"{task.name} {cfg.run.protocol} seed {seed}: "
-           f"{fmt_metrics(results_metrics, rows.baseline)}  best epoch {best_epoch}  "
-           f"{steps.step} steps  {wall:.1f} s")
+    d.say(f"{task.name} {cfg.run.protocol} seed {seed}: "
+          f"{fmt_metrics(results_metrics, rows.baseline)}  best epoch {best_epoch}  "
+          f"{steps.step} steps  {wall:.1f} s")
     if d.is_main:
         save_run(out_dir, result, model, prep, cfg)
     if d.world > 1:
         torch.distributed.barrier()
     return result
-
-
-def save_run(out_dir: Path, result: dict, model, prep: Prepared, cfg: GlueConfig) -> None:
-    """results.json, and the best epoch's model with its tokenizer (run.save_model), each
-    written whole before it replaces the previous one."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.run.save_model:
-        tmp = out_dir / "model.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        prep.tokenizer.save_pretrained(tmp)
-        (tmp / "glue_task.json").write_text(json.dumps(
-            {"task": prep.task.name, "num_labels": prep.task.num_labels,
-             "metrics": result["metrics"], "source_model": prep.model_name}, indent=2))
-        replace_dir(tmp, out_dir / "model")
-    write_json(out_dir / "results.json", result)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-RUN_FILE = "glue_run.json"  # which task and mode a GLUE output directory holds
-PRETRAIN_MARKERS = ("checkpoints", "student")
-
-
-def check_output_dir(out: Path, task: Task, mode: str) -> None:
-    """Refuse, before any data is read, a directory that holds another task's (or mode's) run
-    or a pretraining run: a rerun of the same task replaces it, nothing else may."""
-    if not out.exists():
-        return
-    flag = "--output-dir (run.output_dir)"
-    if not out.is_dir():
-        raise UserError(f"{flag}: '{out}' is a file, not a directory; choose another")
-    held = None
-    for name in (RUN_FILE, "results.json"):
-        try:
-            held = json.loads((out / name).read_text())
-            break
-        except (OSError, ValueError):
-            continue
-    if isinstance(held, dict) and (held.get("task"), held.get("mode", mode)) != (task.name, mode):
-        raise UserError(f"{flag}: '{out}' holds a {held.get('mode', '?')} run of "
-                        f"{held.get('task')}; this is a {mode} run of {task.name}: choose "
-                        "another output directory")
-    if any((out / m).exists() for m in PRETRAIN_MARKERS):
-        raise UserError(f"{flag}: '{out}' holds a pretraining run; choose another output "
-                        "directory")
-
-
-OUT_FLAG = "--output-dir (run.output_dir)"
-
-
-@contextlib.contextmanager
-def claimed_runtime(cfg: GlueConfig, out: Path, task: Task, mode: str):
-    """The runtime (process group, device, precision), with ``out`` checked and its lock
-    taken before any data or model is read: a second run into a busy directory exits 2 at
-    once, on every rank (rank 0 takes the lock and tells the others). Both are given back on
-    any exit."""
-    check_output_dir(out, task, mode)
-    d, backend, ds = setup_runtime(cfg)
-    lock = None
-    try:
-        lock = claim_output_dir(out, OUT_FLAG)
-        yield d, backend, ds
-    finally:
-        if lock:
-            lock.release()
-        d.close()
-
-
-def start_output_dir(prep: Prepared, cfg: GlueConfig, mode: str, d) -> None:
-    """Say what the (locked) directory holds and clear a replaced run's metrics (a rerun of
-    the same task must not append to the old one's)."""
-    out = prep.out_dir
-    if d.is_main:
-        for name in ("metrics.jsonl", "tb"):
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        atomic_write(out / RUN_FILE, json.dumps({"task": prep.task.name, "mode": mode}) + "\n")
-        dump_yaml(cfg, out / "config.yaml")
 
 
 def run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d,
@@ -477,17 +276,11 @@ def run_seeds(prep: Prepared, cfg: GlueConfig, build_model, loss_fn, d,
         "data": runs[0]["data"],
         **(extra or {}),
     }
-    log(d, f"{prep.task.name} median of {len(runs)} seeds: "
-           f"{fmt_metrics(median, summary['majority_baseline'])}")
+    d.say(f"{prep.task.name} median of {len(runs)} seeds: "
+          f"{fmt_metrics(median, summary['majority_baseline'])}")
     if d.is_main:
-        write_json(prep.out_dir / "results.json", summary)
+        write_results(prep.out_dir, summary)
     return summary
-
-
-def default_out_dir(task: Task, model_spec: str, suffix: str = "") -> Path:
-    name = Path(model_spec.rstrip("/")).name or "model"
-    name = name.replace(":", "_")
-    return Path("runs") / "glue" / task.name / f"{name}{suffix}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +300,7 @@ def finetune(task: Task, model_spec: str, cfg: GlueConfig) -> dict:
         def build(seed: int):
             model, new = load_for_finetune(path, task)
             if new:
-                log(d, f"{model_spec}: newly initialised head weights: {', '.join(new)}")
+                d.say(f"{model_spec}: newly initialised head weights: {', '.join(new)}")
             return model, {"class": type(model).__name__, "new_weights": new,
                            "params": sum(p.numel() for p in model.parameters())}
 

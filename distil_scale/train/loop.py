@@ -14,7 +14,7 @@ import torch
 
 from .. import distributed
 from ..config import Config, dump_yaml
-from ..data.loader import StreamError
+from ..data.stream import StreamError
 from ..distributed import barrier
 from ..fsio import replace_dir
 from ..metrics import console_line, peak_memory_gib

@@ -19,9 +19,10 @@ from ..checkpoint import CheckpointManager, load_torch_agreed, save_torch
 from ..errors import UserError, plural
 from ..config import (RESUMABLE, WORLD_CHANGE, Config, ConfigError, config_changes,
                       dump_yaml, to_dict)
-from ..data.loader import (BatchLoader, build_eval_set, is_shard_dir, open_pretrain_stream,
-                          scan_token_counts)
+from ..data.eval_cache import build_eval_set, scan_token_counts
+from ..data.loader import BatchLoader
 from ..data.masking import MaskedBatch, make_eval_masker, make_masker
+from ..data.stream import is_shard_dir, open_pretrain_stream
 from ..distributed import barrier, rank0_first
 from ..engine import engine_class
 from ..evaluate import fixed_eval_batches, mlm_eval

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import families
-from ..data.loader import open_pretrain_stream
+from ..data.stream import open_pretrain_stream
 from ..data.masking import make_eval_masker, make_masker
 from ..distributed import barrier
 from ..engine.base import Engine

@@ -40,7 +40,7 @@ def test_wikipedia_sample_streams_and_packs(tmp_path):
     from transformers import AutoTokenizer
 
     from distil_scale.config import DataConfig
-    from distil_scale.data.loader import PretrainStream
+    from distil_scale.data.stream import PretrainStream
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     rows = [json.loads(ln) for ln in src.read_text().splitlines()]

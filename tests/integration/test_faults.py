@@ -462,7 +462,7 @@ def test_glue_into_a_live_directory_is_refused_before_any_data_is_read(glue, tmp
 
 
 def test_a_kill_while_saving_the_glue_model_keeps_the_previous_one(glue, tmp_path, monkeypatch):
-    from distil_scale.glue import runner
+    from distil_scale.glue import rundir
     from distil_scale.glue.runner import finetune
     from distil_scale.glue.tasks import TASKS
 
@@ -474,7 +474,7 @@ def test_a_kill_while_saving_the_glue_model_keeps_the_previous_one(glue, tmp_pat
     def killed(*a):
         raise KeyboardInterrupt  # dies with the new model written, before it is swapped in
 
-    monkeypatch.setattr(runner, "replace_dir", killed)
+    monkeypatch.setattr(rundir, "replace_dir", killed)
     with pytest.raises(KeyboardInterrupt):
         finetune(TASKS["rte"], str(model), _glue_cfg("rte", data, out))
     assert (_snapshot(out / "model"), (out / "results.json").read_bytes()) == before

@@ -172,7 +172,7 @@ def test_stream_retries_then_gives_up(monkeypatch):
 
     from fixtures import minilm_path
     from distil_scale.config import DataConfig
-    from distil_scale.data import loader as L
+    from distil_scale.data import stream as L
 
     monkeypatch.setattr(L.time, "sleep", lambda s: None)
     tok = AutoTokenizer.from_pretrained(minilm_path())

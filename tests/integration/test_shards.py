@@ -18,10 +18,12 @@ import torch
 from fixtures import REPO, SHARED, minilm_path, write_corpus
 from distil_scale.errors import UserError
 from distil_scale.config import DataConfig
-from distil_scale.data.loader import (BatchLoader, PretrainStream, build_eval_set,
-                                      is_shard_dir, open_pretrain_stream, scan_token_counts)
+from distil_scale.data import eval_cache, stream
+from distil_scale.data.eval_cache import build_eval_set, scan_token_counts
+from distil_scale.data.loader import BatchLoader
 from distil_scale.data.shards import (PrepareConfig, ShardStream, prepare_shards,
                                       to_dtype, token_dtype)
+from distil_scale.data.stream import PretrainStream, is_shard_dir, open_pretrain_stream
 
 WIKI = SHARED / "data" / "wikipedia_sample" / "articles.jsonl"
 SEQ = 32
@@ -267,12 +269,11 @@ def test_eval_set_is_cached(tmp_path, tok, monkeypatch):
     cache = tmp_path / "cache"
     first = build_eval_set(cfg, tok, 4, cache_dir=cache)
     assert len(list(cache.glob("eval-*.npy"))) == 1
-    import distil_scale.data.loader as L
 
     def no_stream(*a, **k):
         raise AssertionError("the cached eval set read the corpus again")
 
-    monkeypatch.setattr(L, "iter_texts", no_stream)
+    monkeypatch.setattr(eval_cache, "iter_texts", no_stream)
     assert torch.equal(build_eval_set(cfg, tok, 4, cache_dir=cache), first)
     monkeypatch.undo()
     # another eval size (or corpus, or sequence length) is another entry
@@ -292,8 +293,6 @@ def test_draws_do_not_depend_on_the_micro_batch(tmp_path, tok):
 def test_a_source_failing_mid_batch_resumes_that_batch(tmp_path, tok, monkeypatch):
     """The rows drawn before the failure are in the state; the resumed stream completes the
     batch as the uninterrupted one did."""
-    import distil_scale.data.loader as L
-
     src = write_corpus(tmp_path / "c.jsonl", n_docs=30)
     cfg = DataConfig(source=str(src), max_seq_len=SEQ, shuffle_buffer=4, heldout_fraction=0.1,
                      max_retries=0)
@@ -302,11 +301,11 @@ def test_a_source_failing_mid_batch_resumes_that_batch(tmp_path, tok, monkeypatc
     s = PretrainStream(cfg, tok, 6, seed=0)
     got = [s.next_batch() for _ in range(3)]
     def dead(self, *a):
-        raise L.StreamError("data source failed 4 times in a row: reset")
+        raise stream.StreamError("data source failed 4 times in a row: reset")
 
-    monkeypatch.setattr(L._Reader, "chunk", dead)
+    monkeypatch.setattr(stream._Reader, "chunk", dead)
     s._docs = None  # the next document is read through the dead source
-    with pytest.raises(L.StreamError):
+    with pytest.raises(stream.StreamError):
         for _ in range(5):
             got.append(s.next_batch())
     state = s.state_dict()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from distil_scale.config import DataConfig
-from distil_scale.data.loader import PretrainStream
+from distil_scale.data.stream import PretrainStream
 from fixtures import write_aligned_corpus
 
 SEQ = 32

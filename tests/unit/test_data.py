@@ -8,10 +8,12 @@ import torch
 from fixtures import write_corpus
 from distil_scale.errors import UserError
 from distil_scale.config import DataConfig
-from distil_scale.data.loader import BatchLoader, PretrainStream, build_eval_set
+from distil_scale.data.eval_cache import build_eval_set
+from distil_scale.data.loader import BatchLoader
 from distil_scale.data.masking import DynamicMasker
 from distil_scale.data.packing import Packer
 from distil_scale.data.sources import is_heldout, iter_texts
+from distil_scale.data.stream import PretrainStream
 
 
 def _cfg(source, **kw):
