@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
@@ -238,6 +239,25 @@ def _check_fsdp(env: Mapping[str, str]) -> None:
                             "remove it from the accelerate config")
 
 
+# -- torchrun ------------------------------------------------------------------------------------
+SHARE_STORE_OPT_OUT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def torchrun_restart_warning(env: Mapping[str, str]) -> str | None:
+    """torchrun --max-restarts with its rendezvous store shared with the workers (torch's
+    default): the store outlives an attempt, so a restarted attempt's ranks can read the
+    previous attempt's addresses and fail to connect (gloo's connectFullMesh, NCCL's socket
+    connect: measured here on every restart; pytorch/pytorch#167288). The opt-out gives each
+    attempt a store of its own; it must be in torchrun's environment, so only a warning can
+    help by the time a worker runs."""
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"torchrun --max-restarts {restarts} with a rendezvous store shared across "
+                "attempts: a restarted attempt's ranks may fail to connect to each other; "
+                f"export {SHARE_STORE_OPT_OUT}=1 before torchrun")
+    return None
+
+
 # -- both -----------------------------------------------------------------------------------------
 def _given(overrides: list[str], key: str) -> str | None:
     """The last value the command line gave ``key``, or None."""
@@ -304,7 +324,10 @@ def apply_launcher_env(overrides: list[str], ds: str | None = None, *, ds_flag: 
                                 f" from its config or flags); make them agree or drop {key}=")
         lines.append(f"accelerate launch: {', '.join(picked) or 'nothing to map'} "
                      f"(from {acc.said})")
+    warning = torchrun_restart_warning(env)
     if env.get("RANK", "0") == "0":
         for line in lines:
             print(line, flush=True)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     return overrides, ds

@@ -16,7 +16,6 @@ Dropout stays on: global rank r seeds the same generators whichever node it sits
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from distil_scale import launchers
 from fixtures import (BIN, REPO, free_port, kill_all_of, make_tiny_teacher, metrics_by_step,
                       run_env, write_corpus)
 
@@ -50,13 +50,13 @@ def args(assets, out: Path, *extra: str) -> list[str]:
             "metrics.tensorboard=false", *extra]
 
 
-def env(home: Path) -> dict:
+def env(home: Path, **extra) -> dict:
     home.mkdir(parents=True, exist_ok=True)
-    return run_env(HOME=home, DISTIL_SCALE_CONTROL_GROUP=1)
+    return run_env(HOME=home, DISTIL_SCALE_CONTROL_GROUP=1, **extra)
 
 
-def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env(home), stdout=open(log, "w"),
+def start(cmd: list[str], home: Path, log: Path, **extra) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env(home, **extra), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -204,22 +204,23 @@ def test_two_nodes_fsdp2_and_zero2_equal_one_node(assets, one_node):
 def test_auto_restart_with_overwrite_continues_and_finishes(assets):
     """torchrun --max-restarts reruns the same command, --overwrite included, after a rank
     is killed: the restart must continue the checkpoints its first attempt wrote (not delete
-    them) and finish at train.max_steps. The agent may restart more than once: on a loaded host
-    a restarted attempt has failed in gloo's connectFullMesh before any of the trainer's code
-    (seen once in a full CI-like run), which is what --max-restarts is for on a real job too."""
+    them) and finish at train.max_steps. torchrun runs as docs/scale-out.md says to run it
+    with restarts: with its rendezvous store not shared across attempts (with it shared,
+    every restarted attempt failed in gloo's connectFullMesh here, reading the killed
+    attempt's addresses; the first attempt warns about it)."""
     out = assets["d"] / "restart"
     log = assets["d"] / "restart.log"
-    p = start([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
-               "--max-restarts", "3", SCRIPT,
-               *args(assets, out, "parallel.backend=ddp", "--overwrite")],
-              assets["d"] / "home-restart", log)
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
+           SCRIPT, *args(assets, out, "parallel.backend=ddp", "--overwrite")]
+    p = start(cmd, assets["d"] / "home-restart", log,
+              **{launchers.SHARE_STORE_OPT_OUT: "1"})
     wait_file(out / "checkpoints" / "step-00000004" / "COMPLETE", [p])
     os.kill(workers_of(p)[0], signal.SIGKILL)
     p.wait(timeout=600)
     text = log.read_text()
     assert p.returncode == 0, text[-4000:]
-    assert re.search(r"this is restart [1-3] of the job \(TORCHELASTIC_RESTART_COUNT=[1-3]\)",
-                     text), text[-4000:]
+    assert "this is restart 1 of the job (TORCHELASTIC_RESTART_COUNT=1)" in text, text[-4000:]
+    assert "connectFullMesh" not in text and "warning: torchrun --max-restarts" not in text
     resumed = int(text.split("resume: ")[-1].split("(step ")[1].split(")")[0])
     assert resumed >= 4
     m = metrics_by_step(out)

@@ -8,8 +8,9 @@ import pytest
 
 from distil_scale.config import load_config
 from distil_scale.errors import UserError
-from distil_scale.launchers import (SLURM_PORT_BASE, accelerate_settings, apply_launcher_env,
-                                    expand_nodelist, slurm_env)
+from distil_scale.launchers import (SHARE_STORE_OPT_OUT, SLURM_PORT_BASE, accelerate_settings,
+                                    apply_launcher_env, expand_nodelist, slurm_env,
+                                    torchrun_restart_warning)
 
 
 @pytest.fixture(autouse=True)
@@ -230,3 +231,19 @@ def test_shipped_hostfile_and_accelerate_configs_read_by_their_own_tools():
         if name == "fsdp":
             assert cfg.fsdp_config["fsdp_version"] == 2
     assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}
+
+
+def test_torchrun_restarts_over_a_shared_store_are_warned_about_on_rank_0(capsys):
+    """The variables torchrun's agent gives its workers (local_elastic_agent): restarts
+    allowed and the agent's store shared, the default; the opt-out turns the sharing off."""
+    worker = {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3",
+              "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    apply_launcher_env([], environ=dict(worker))
+    assert capsys.readouterr().err == (
+        "warning: torchrun --max-restarts 3 with a rendezvous store shared across attempts: a "
+        "restarted attempt's ranks may fail to connect to each other; export "
+        f"{SHARE_STORE_OPT_OUT}=1 before torchrun\n")
+    apply_launcher_env([], environ={**worker, "RANK": "1"})  # one line per job, not per rank
+    assert capsys.readouterr().err == ""
+    assert torchrun_restart_warning({**worker, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert torchrun_restart_warning({**worker, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
