@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DataConfig
 from ..errors import UserError
 from ..fsio import atomic_write
 from .packing import Encoder, Packer, encode, fast_tokenizer, vocab_hash
@@ -523,28 +522,3 @@ def scan_token_counts(data_cfg, tokenizer, n_docs: int, *, seed: int = 0,
             counts += np.bincount(np.concatenate(encode(fast, batch)), minlength=V)[:V]
         _cache_save(path, counts)
     return torch.from_numpy(counts.astype(np.int64))
-
-
-# -- throughput -------------------------------------------------------------------------------
-def loader_throughput(source: str, tokenizer, seq_len: int = 512, micro: int = 16,
-                      seconds: float = 10.0, workers: int = 0, *, shuffle_buffer: int = 1024,
-                      prefetch: int = 2, masker=None, encoding_errors: str = "replace",
-                      text_field: str = "text") -> float:
-    """Tokens per second handed out by the trainer's loader (shards when ``source`` is a shard
-    directory, else the stream with ``workers`` tokenizer processes), after the first batch
-    (buffer fill, worker start-up). With ``masker`` the batches are also masked in the loader's
-    thread, as the trainer has them (``masker(ids, ones, k)``)."""
-    cfg = DataConfig(source=source, max_seq_len=seq_len, shuffle_buffer=shuffle_buffer,
-                     encoding_errors=encoding_errors, text_field=text_field, prefetch=prefetch)
-    stream = open_pretrain_stream(cfg, tokenizer, micro, seed=0, workers=workers)
-    loader = BatchLoader(stream, prefetch, transform=None if masker is None else (
-        lambda ids, k: masker(ids, torch.ones_like(ids), k)))
-    try:
-        next(loader)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            next(loader)
-            n += 1
-        return n * micro * seq_len / (time.perf_counter() - t0)
-    finally:
-        loader.close()
