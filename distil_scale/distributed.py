@@ -39,13 +39,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def free_port() -> int:
+    """A TCP port that is free on this host now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def world_of_one_env() -> None:
     """torchrun with one process, or plain ``python``, sets up no process group; these
     variables let an engine make a world of one (DeepSpeed would otherwise look for MPI)."""
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)

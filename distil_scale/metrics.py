@@ -114,11 +114,19 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None 
     return 2.0 * n**3 * iters / (time.perf_counter() - t0)
 
 
-# Dense (no sparsity) tensor-core TFLOP/s of the 16-bit formats, from the vendors' datasheets,
-# by a substring of torch.cuda.get_device_name; fp32 rows have no tensor-core figure here.
-DATASHEET_16BIT_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4),
-                          ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0),
-                          ("V100", 125.0))
+# Dense (no sparsity) tensor-core TFLOP/s of the 16-bit formats (bf16; fp16 on a V100), from the
+# vendors' datasheets, matched in this order as a substring of torch.cuda.get_device_name (so
+# "L40S" before "L4", "H100 NVL" before "H100"); fp32 rows have no tensor-core figure here.
+DATASHEET_16BIT_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
+                          ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0),
+                          ("A10", 125.0), ("V100", 125.0), ("RTX 4090", 165.0))
+
+
+def datasheet_entry(device_name: str) -> tuple[str, float] | None:
+    """(the table's key, dense 16-bit TFLOP/s) of the first row whose key the device's name
+    holds (case aside), or None."""
+    name = device_name.lower()
+    return next(((key, tf) for key, tf in DATASHEET_16BIT_TFLOPS if key.lower() in name), None)
 
 
 def datasheet_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -128,7 +136,8 @@ def datasheet_tflops(device: torch.device, dtype: torch.dtype) -> float:
     name = torch.cuda.get_device_name(device)
     if dtype == torch.bfloat16 and "V100" in name:
         return math.nan  # no bf16 tensor cores before Ampere
-    return next((tf for key, tf in DATASHEET_16BIT_TFLOPS if key in name), math.nan)
+    entry = datasheet_entry(name)
+    return entry[1] if entry else math.nan
 
 
 def matmul_peak_size(device: torch.device) -> int:

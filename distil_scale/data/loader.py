@@ -1,5 +1,5 @@
 """The loader that hands out a stream's batches, prepared ahead in one background thread (whose
-state the trainer can read), and the bench's measure of its throughput.
+state the trainer can read).
 
 The streams themselves (text or prepared shards) are in :mod:`distil_scale.data.stream`.
 """
@@ -11,11 +11,7 @@ import time
 
 import torch
 
-from ..config import DataConfig
 from ..errors import UserError
-from .stream import open_pretrain_stream
-# tools/bench.py still imports these from here; they live in stream.py
-from .stream import PretrainStream, is_shard_dir  # noqa: F401
 
 
 class BatchLoader:
@@ -164,28 +160,3 @@ class BatchLoader:
             self._thread.join(timeout=5)
         if hasattr(self.stream, "close"):
             self.stream.close()
-
-
-# -- throughput -------------------------------------------------------------------------------
-def loader_throughput(source: str, tokenizer, seq_len: int = 512, micro: int = 16,
-                      seconds: float = 10.0, workers: int = 0, *, shuffle_buffer: int = 1024,
-                      prefetch: int = 2, masker=None, encoding_errors: str = "replace",
-                      text_field: str = "text") -> float:
-    """Tokens per second handed out by the trainer's loader (shards when ``source`` is a shard
-    directory, else the stream with ``workers`` tokenizer processes), after the first batch
-    (buffer fill, worker start-up). With ``masker`` the batches are also masked in the loader's
-    thread, as the trainer has them (``masker(ids, ones, k)``)."""
-    cfg = DataConfig(source=source, max_seq_len=seq_len, shuffle_buffer=shuffle_buffer,
-                     encoding_errors=encoding_errors, text_field=text_field, prefetch=prefetch)
-    stream = open_pretrain_stream(cfg, tokenizer, micro, seed=0, workers=workers)
-    loader = BatchLoader(stream, prefetch, transform=None if masker is None else (
-        lambda ids, k: masker(ids, torch.ones_like(ids), k)))
-    try:
-        next(loader)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            next(loader)
-            n += 1
-        return n * micro * seq_len / (time.perf_counter() - t0)
-    finally:
-        loader.close()

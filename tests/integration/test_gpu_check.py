@@ -83,7 +83,7 @@ def test_zero_accumulation_error_on_cpu_bf16():
     """In a process of its own: DeepSpeed's process group must not outlive the check."""
     code = (
         "import json, sys\n"
-        "from distil_scale.tools.gpu_check import zero_grad_accum_error\n"
+        "from distil_scale.tools.gpu_check.zero import zero_grad_accum_error\n"
         "ds = json.load(open(sys.argv[1]))\n"
         "shipped = {k: ds[k] for k in ('zero_optimization', 'data_types') if k in ds}\n"
         "bare = {'zero_optimization': ds['zero_optimization']}\n"
@@ -101,7 +101,8 @@ def test_zero_accumulation_error_on_cpu_bf16():
 
 
 def test_profile_copies_change_only_the_precision_switches(tmp_path):
-    from distil_scale.tools.gpu_check import SMOKE, Ctx, profile_json
+    from distil_scale.tools.gpu_check.case import profile_json
+    from distil_scale.tools.gpu_check.spec import SMOKE, Ctx
 
     ctx = Ctx(SMOKE, True, tmp_path, "t", "s", 0.0, 1.0, {}, 1.0)
     for profile in ("rtx4070", "v100x8"):
@@ -118,7 +119,8 @@ def test_profile_copies_change_only_the_precision_switches(tmp_path):
 
 
 def test_refusals_are_read_from_plain_and_torchrun_output():
-    from distil_scale.tools.gpu_check import CASES, CaseResult, refusal_line
+    from distil_scale.tools.gpu_check.proc import refusal_line
+    from distil_scale.tools.gpu_check.spec import CASES, CaseResult
 
     line = "train.precision: fp16 is not supported with parallel.backend=fsdp here; use bf16"
     assert refusal_line(f"noise\nerror: {line}\nTraceback...") == line
@@ -129,12 +131,29 @@ def test_refusals_are_read_from_plain_and_torchrun_output():
     assert CaseResult(CASES["plain"], "fp16", status="refused", detail=line).failed
 
 
+def test_datasheet_rows_match_the_specific_name_before_the_family():
+    """The report's datasheet figure and the bench's MFU column read one table
+    (metrics.DATASHEET_16BIT_TFLOPS); a device name takes its most specific row."""
+    from distil_scale.metrics import datasheet_entry
+
+    got = {n: datasheet_entry(n) for n in (
+        "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+        "NVIDIA L40S", "NVIDIA L4", "NVIDIA A100-SXM4-80GB", "Tesla V100-SXM2-16GB",
+        "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4070")}
+    assert {n: e and e[0] for n, e in got.items()} == {
+        "NVIDIA H100 80GB HBM3": "H100", "NVIDIA H100 PCIe": "H100 PCIe",
+        "NVIDIA H100 NVL": "H100 NVL", "NVIDIA H200": "H200", "NVIDIA L40S": "L40S",
+        "NVIDIA L4": "L4", "NVIDIA A100-SXM4-80GB": "A100", "Tesla V100-SXM2-16GB": "V100",
+        "NVIDIA GeForce RTX 4090": "RTX 4090", "NVIDIA GeForce RTX 4070": None}
+    assert got["NVIDIA H100 PCIe"][1] < got["NVIDIA H100 NVL"][1] < got["NVIDIA H100 80GB HBM3"][1]
+
+
 def test_planned_memory_at_gpu_shapes(tmp_path):
     """The planner's numbers for the GPU cases (bert-base-uncased's config is built in, so
     nothing is downloaded): the offloading profile plans less than the one that keeps AdamW
     on the GPU, and everything fits the smallest GPU the profiles name."""
-    from distil_scale.tools.gpu_check import (BBC, CASES, GPU, Ctx, case_command, overrides,
-                                        planned_gib)
+    from distil_scale.tools.gpu_check.case import case_command, overrides, planned_gib
+    from distil_scale.tools.gpu_check.spec import BBC, CASES, GPU, Ctx
 
     ctx = Ctx(GPU, False, tmp_path, "bert-base-uncased", BBC, 0.0, 1.0, {}, 80.0)
     plan = {}
@@ -193,7 +212,8 @@ def test_what_the_budget_leaves_no_room_for_is_skipped_not_failed(tmp_path):
 
 def test_a_run_cut_by_the_budget_is_skipped_and_its_stale_build_locks_go(tmp_path, monkeypatch):
     """In process, with a run that would outlast the budget (a sleep for the launcher)."""
-    from distil_scale.tools import gpu_check as g
+    from distil_scale.tools.gpu_check import case as g
+    from distil_scale.tools.gpu_check.spec import CASES, SMOKE, Ctx
 
     sleeper = [PYTHON, "-c", "import time; time.sleep(60)"]
     monkeypatch.setattr(g, "MIN_START_S", 1.0)  # start with 3 s left, to be cut
@@ -204,11 +224,11 @@ def test_a_run_cut_by_the_budget_is_skipped_and_its_stale_build_locks_go(tmp_pat
     (ext / "cpu_adam" / "lock").write_text("")
     (ext / "other_op").mkdir()
     (ext / "other_op" / "lock").write_text("")  # not one of ours: left alone
-    ctx = g.Ctx(g.SMOKE, True, tmp_path, "t", "s", time.monotonic() + 3.0, 150.0,
-                {**no_cuda_env(), "TORCH_EXTENSIONS_DIR": str(ext)}, 1.0)
+    ctx = Ctx(SMOKE, True, tmp_path, "t", "s", time.monotonic() + 3.0, 150.0,
+              {**no_cuda_env(), "TORCH_EXTENSIONS_DIR": str(ext)}, 1.0)
     said = []
     t0 = time.monotonic()
-    r = g.run_case(ctx, g.CASES["rtx4070"], "bf16", said.append)
+    r = g.run_case(ctx, CASES["rtx4070"], "bf16", said.append)
     assert time.monotonic() - t0 < 30
     assert r.status == "skipped" and r.detail.startswith("budget: cut after"), r
     assert not r.failed
@@ -216,5 +236,5 @@ def test_a_run_cut_by_the_budget_is_skipped_and_its_stale_build_locks_go(tmp_pat
                     f"{r.wall:.0f} s"]
     assert not (ext / "cpu_adam" / "lock").exists() and (ext / "other_op" / "lock").exists()
 
-    late = g.run_case(ctx, g.CASES["plain"], "bf16", said.append)  # the budget is spent now
+    late = g.run_case(ctx, CASES["plain"], "bf16", said.append)  # the budget is spent now
     assert (late.status, late.detail, late.wall) == ("skipped", "budget", 0.0)
