@@ -7,7 +7,8 @@ runs differ only in reduction order (test_dist_equivalence.py measures ~1e-7 rel
 case runs 6 steps uninterrupted with checkpoints at 3 and 6; a copy of that run without its
 step-6 checkpoint is what a run killed after step 3 leaves (the step-3 checkpoint holds the
 prefetched batches of step 4, which the new world makes again), and it is resumed on the other
-world size: 2 DDP ranks -> 1 process (engine.pt), 1 FSDP2 process -> 2 (DCP resharding).
+world size: 2 DDP ranks -> 1 process (engine.pt), 1 FSDP2 process -> 2 (DCP resharding), 2
+ZeRO-2 ranks -> 1 process (DeepSpeed's universal checkpoint, converted at the resume).
 """
 from __future__ import annotations
 
@@ -91,3 +92,39 @@ def test_two_ranks_to_one_and_one_to_two(setup, tmp_path):
         in log, log[-3000:]
     same_trajectory(metrics_by_step(cut), ref, range(4, STEPS + 1))
     assert (cut / "student" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_zero2_two_ranks_to_one_through_the_universal_checkpoint(setup, tmp_path):
+    """2 ZeRO-2 ranks (the deepspeed launcher) write one optimizer partition each; one process
+    resumes their step-3 checkpoint: DeepSpeed's ds_to_universal converts ds/ into
+    ds_universal/ beside it, and universal loading re-partitions the fp32 master weights and
+    Adam's moments (element by element, so nothing is rounded) for one rank. Steps 4-6 then
+    follow the uninterrupted 2-rank run as closely as DDP's do (reduction order only)."""
+    teacher, shards = setup
+    ds = ["--ds", str(REPO / "ds_configs" / "cpu.json")]
+    z2 = tmp_path / "zero2"
+    run(launch_cmd("deepspeed", 2, args(z2, teacher, shards, *ds)))
+    ref = metrics_by_step(z2)
+    falling = [ref[s]["loss/total"] for s in range(1, STEPS + 1)]
+    assert falling[-1] < falling[0], falling
+    cut = killed_after_step_3(z2, tmp_path)
+    step3 = cut / "checkpoints" / "step-00000003"
+    before = {p: p.read_bytes() for p in (step3 / "ds").iterdir()}
+    assert sum(p.name.endswith("optim_states.pt") for p in before) == 2  # one per rank
+
+    log = run(launch_cmd("python", 1, args(cut, teacher, shards, *ds, "--resume")))
+    assert (f"resume: {step3}/ds (ZeRO-2, written by 2 processes) converted to DeepSpeed's "
+            f"universal checkpoint {step3}/ds_universal and loaded on 1 process") in log, log[-3000:]
+    assert "written by 2 processes, continuing on 1: data re-dealt from global micro-batch 6" \
+        in log, log[-3000:]
+    # nothing written is lost: ds/ as it was; the conversion's temporary files are gone
+    assert {p: p.read_bytes() for p in (step3 / "ds").iterdir()} == before
+    assert sorted(p.name for p in step3.iterdir() if p.name.startswith((".", "latest_u"))) == []
+    assert (step3 / "ds_universal" / "zero" / "optimizer_state.pt").is_file()
+    got = metrics_by_step(cut)
+    assert sorted(s for s in got if "loss/total" in got[s]) == list(range(1, STEPS + 1))
+    same_trajectory(got, ref, range(4, STEPS + 1))
+    # the one process carries on as a 1-rank DeepSpeed run: its step-6 partition is whole
+    assert (cut / "checkpoints" / "step-00000006" / "ds"
+            / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
