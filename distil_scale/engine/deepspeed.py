@@ -325,9 +325,9 @@ def convert_to_universal(src: Path, dst: Path) -> None:
 def unshare_steps(optimizer: torch.optim.Optimizer) -> None:
     """Give each parameter's state its own ``step`` tensor. DeepSpeed 0.19.8's ZeRO-3
     universal load puts one step tensor in the state of every sub-group, and AdamW advances
-    it in place once per sub-group: with two groups (decay, no decay) the bias correction ran
-    at steps 5, 7, 9 after a resume at 3, and every weight drifted ~1e-4 from the run it
-    continued (2 ranks -> 1, measured)."""
+    it in place once per sub-group: with two groups (decay, no decay), resumed at step 3,
+    their bias corrections ran at steps 4 and 5, 6 and 7, 8 and 9 instead of 4, 5, 6, and
+    every weight was ~1e-4 off the run it continued by step 6 (2 ranks -> 1, measured)."""
     seen: set[int] = set()
     for state in optimizer.state.values():
         step = state.get("step")
