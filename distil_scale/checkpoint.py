@@ -128,7 +128,8 @@ class CheckpointManager:
         changed), one reason a line: those refuse before any file is read. Only a
         :class:`CorruptCheckpoint` moves on to the previous checkpoint (``load`` reads every
         file before it changes anything, so nothing is half restored); any other failure, or
-        none loading, is a :class:`UserError` listing each checkpoint's reason.
+        none loading, is a :class:`UserError` listing each checkpoint's reason; a
+        :class:`UserError` that ``load`` raises itself goes on as it is (it names its own fix).
 
         All ranks walk rank 0's list together and move on together, so they never resume from
         different steps. A checkpoint written by another number of processes goes to
@@ -154,13 +155,18 @@ class CheckpointManager:
                 other_world(d, saved)
             _refuse_changes(d, meta, check)
             corrupt = misfit = ""
+            refusal = None
             try:
                 result = load(d, saved)
             except CorruptCheckpoint as e:
                 corrupt = f"{d.name}/{e}"
+            except UserError as e:  # the load's own one line, naming its fix
+                refusal, misfit = e, first_line(e)
             except Exception as e:  # read fine but does not fit: an older one will not either
                 misfit = f"{d.name}: {_misfit(e)}"
             if any_rank(bool(misfit)):
+                if refusal is not None:
+                    raise refusal
                 raise UserError(
                     f"--resume: {d} does not fit this run; nothing was changed on disk: start "
                     "a new run.output_dir, or repeat the settings it was written with",

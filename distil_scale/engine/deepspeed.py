@@ -11,12 +11,21 @@ DeepSpeed counts micro-steps itself: ``backward`` here is DeepSpeed's backward (
 1/accumulation) followed by ``step()``, which only updates at the accumulation boundary; the
 trainer's ``step()`` then reports what that boundary did. Only the student is given to
 DeepSpeed: the frozen teacher is never partitioned or optimized, it stays replicated.
+
+Checkpoints are DeepSpeed's own (``ds/`` in each step-N directory), one ZeRO optimizer
+partition per rank. Resumed by another number of processes, ``ds/`` is converted by DeepSpeed's
+``ds_to_universal`` into ``ds_universal/`` beside it (rank 0, once; ``ds/`` stays as written)
+and loaded with DeepSpeed's universal loading, which re-partitions it for this world.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
+import io
 import logging
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -25,15 +34,19 @@ from torch import nn
 
 from ..checkpoint import CorruptCheckpoint, verify_archives
 from ..config import ConfigError
-from ..distributed import ensure_process_group
+from ..distributed import ensure_process_group, from_rank0
 from ..ds_config import refuse_unimplemented
-from ..errors import UserError, plural
+from ..errors import UserError, first_line, plural
+from ..fsio import fsync_dir, fsync_tree
 from ..models import rebuild_student
 from ..runtime import amp_dtype
 from .base import Engine, StepResult, param_groups
 
 log = logging.getLogger(__name__)
 TAG = "ds"  # DeepSpeed's checkpoint tag inside each step-N directory
+# DeepSpeed's world-independent copy of ds/, made beside it when another number of processes
+# resumes it (ds/ itself is never changed)
+UNIVERSAL = "ds_universal"
 
 
 def json_precision(ds_config: dict | None) -> str:
@@ -177,31 +190,82 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(ckpt_dir), tag=TAG)
 
     def check_other_world(self, ckpt_dir: Path, saved_world: int) -> None:
-        # ZeRO writes one optimizer partition per rank; DeepSpeed's universal checkpoint
-        # re-partitions them, but loading it is not wired into this engine
-        src = Path(ckpt_dir) / TAG
-        raise UserError(f"--resume: {ckpt_dir} is a DeepSpeed checkpoint of "
-                        f"{plural(saved_world, 'process', 'processes')} and this run has "
-                        f"{self.world_size}; ZeRO partitions are per rank and this trainer "
-                        f"loads them on the same number only: resume with {saved_world} "
-                        "(DeepSpeed's own conversion to a world-independent checkpoint: python "
-                        f"-m deepspeed.checkpoint.ds_to_universal --input_folder {src} "
-                        f"--output_folder {src}_universal)")
+        # ZeRO 1-3 write one optimizer partition per rank: load() converts them to DeepSpeed's
+        # universal checkpoint, which any number of ranks re-partitions. Stage 0 has no ZeRO
+        # optimizer for that conversion to read
+        if self.stage == 0:
+            raise UserError(f"--resume: {ckpt_dir} is a DeepSpeed checkpoint of "
+                            f"{plural(saved_world, 'process', 'processes')} and this run has "
+                            f"{self.world_size}; without ZeRO (zero_optimization.stage 0) this "
+                            f"trainer loads it on the same number only: resume with "
+                            f"{saved_world}, or write it with ZeRO stage 1-3")
 
     def load(self, ckpt_dir: Path) -> None:
         # DeepSpeed applies the model states before it reads the optimizer partitions: a
         # damaged partition found there would leave new weights under old moments. Every file
         # is checked first (a collective), so a damaged one changes nothing on any rank
-        files = sorted((Path(ckpt_dir) / TAG).glob("*.pt"))
+        ckpt_dir = Path(ckpt_dir)
+        files = sorted((ckpt_dir / TAG).glob("*.pt"))
         if not any(f.name.endswith("model_states.pt") for f in files):
             raise CorruptCheckpoint(f"{TAG}/: cannot be read (no *model_states.pt in it)")
-        verify_archives(Path(ckpt_dir), files)
-        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+        verify_archives(ckpt_dir, files)
+        saved = sum(f.name.endswith("optim_states.pt") for f in files)  # one per ZeRO rank
+        universal = self.stage > 0 and saved != self.world_size
+        made = universal and self._universal(ckpt_dir, saved)
+        tag = UNIVERSAL if universal else TAG
+        # the flag DeepSpeed reads as the config's "checkpoint": {"load_universal": true}; it
+        # only steers loading, and goes back so that a later load of ds/ reads it as written.
+        # Universal loading warns "MPU is not provided, setting tp size to 1", true of every
+        # run here (no tensor parallelism): DeepSpeed's warnings are held back for the load
+        ds_log = logging.getLogger("DeepSpeed")
+        level = ds_log.level
+        self.ds._config.load_universal_checkpoint = universal
+        if universal:
+            ds_log.setLevel(logging.ERROR)
+        try:
+            path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+            ds_log.setLevel(level)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint '{TAG}' in {ckpt_dir}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {ckpt_dir}")
+        if universal:
+            unshare_steps(self.ds.optimizer.optimizer)
+        if universal and self.rank == 0:
+            print(f"resume: {ckpt_dir / TAG} (ZeRO-{self.stage}, written by "
+                  f"{plural(saved, 'process', 'processes')}) "
+                  f"{'converted' if made else 'already converted'} to DeepSpeed's universal "
+                  f"checkpoint {ckpt_dir / UNIVERSAL} and loaded on "
+                  f"{plural(self.world_size, 'process', 'processes')}", flush=True)
         self._skipped = self.ds.skipped_steps
         self._steps = self.ds.global_steps
+
+    def _universal(self, ckpt_dir: Path, saved: int) -> bool:
+        """Make ``ckpt_dir/ds_universal``, DeepSpeed's universal checkpoint of ``ds/`` (written
+        by ``saved`` ranks), on rank 0 while the others wait, unless an earlier resume left it
+        (then False). Universal loading restores what the ZeRO optimizer holds (the fp32
+        master weights, Adam's moments and step, re-partitioned for this world), the scheduler
+        and the counters; a frozen parameter, in no optimizer, keeps the value the student is
+        built with (the teacher's copy, or run.seed's draw), the one it was trained with."""
+        src, dst = ckpt_dir / TAG, ckpt_dir / UNIVERSAL
+        problem, made = None, False
+        if self.rank == 0 and not dst.is_dir():
+            try:
+                convert_to_universal(src, dst)
+                made = True
+            except Exception as e:  # whatever the converter met: the line says how to retry
+                problem = first_line(e, 160, typed=True)
+        problem, made = from_rank0((problem, made))
+        if problem:
+            raise UserError(f"--resume: {ckpt_dir} is a DeepSpeed checkpoint of "
+                            f"{plural(saved, 'process', 'processes')} and this run has "
+                            f"{self.world_size}; converting it to DeepSpeed's universal "
+                            f"checkpoint failed ({problem}); {src} is unchanged: run python -m "
+                            f"deepspeed.checkpoint.ds_to_universal --inject_missing_state "
+                            f"--input_folder {src} --output_folder {dst} by hand and resume "
+                            f"again, or resume with {saved}")
+        return made
 
     def full_state_dict(self) -> dict | None:
         """The fp32 master weights, gathered from their ZeRO partitions (a collective: every
@@ -230,6 +294,47 @@ class DeepSpeedEngine(Engine):
         """Rank 0 gets a fresh unwrapped student holding the fp32 master weights."""
         full = self.full_state_dict()
         return None if full is None else rebuild_student(self.ds.module, full)
+
+
+def convert_to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` from ``src`` to ``dst``, all or nothing: written under
+    a temporary directory (which also takes the ``latest_universal`` file the converter writes
+    beside its output), synced, then renamed to ``dst``."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed conversion left
+    out = tmp / dst.name
+    # the converter's command-line defaults but: one worker each (its workers would be forked
+    # from a rank that holds a process group), and --inject_missing_state: the version record
+    # it requires is written by Megatron-style clients, not by DeepSpeed for a plain module
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(out),
+                              num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    said = io.StringIO()  # its progress lines and bars; a failure is reported by the caller
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            ds_to_universal.main(args)
+        fsync_tree(out)
+        out.rename(dst)
+        fsync_dir(dst.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unshare_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's state its own ``step`` tensor. DeepSpeed 0.19.8's ZeRO-3
+    universal load puts one step tensor in the state of every sub-group, and AdamW advances
+    it in place once per sub-group: with two groups (decay, no decay), resumed at step 3,
+    their bias corrections ran at steps 4 and 5, 6 and 7, 8 and 9 instead of 4, 5, 6, and
+    every weight was ~1e-4 off the run it continued by step 6 (2 ranks -> 1, measured)."""
+    seen: set[int] = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
 
 
 def autocast_inside(module: nn.Module, device: torch.device, precision: str) -> None:

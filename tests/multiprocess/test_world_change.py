@@ -7,16 +7,20 @@ runs differ only in reduction order (test_dist_equivalence.py measures ~1e-7 rel
 case runs 6 steps uninterrupted with checkpoints at 3 and 6; a copy of that run without its
 step-6 checkpoint is what a run killed after step 3 leaves (the step-3 checkpoint holds the
 prefetched batches of step 4, which the new world makes again), and it is resumed on the other
-world size: 2 DDP ranks -> 1 process (engine.pt), 1 FSDP2 process -> 2 (DCP resharding).
+world size: 2 DDP ranks -> 1 process (engine.pt), 1 FSDP2 process -> 2 (DCP resharding), 2
+ZeRO-2 ranks -> 1 process and 1 ZeRO-3 process -> 2 (DeepSpeed's universal checkpoint,
+converted at the resume).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
 import pytest
 
 from fixtures import REPO, launch_cmd, make_tiny_teacher, metrics_by_step, run, write_corpus
+from distil_scale.errors import plural
 
 SEQ, STEPS = 32, 6
 KEYS = ("loss/total", "loss/ce", "loss/mlm", "loss/cos", "optim/lr")
@@ -89,5 +93,64 @@ def test_two_ranks_to_one_and_one_to_two(setup, tmp_path):
                                              "--resume")))
     assert "written by 1 process, continuing on 2: data re-dealt from global micro-batch 6" \
         in log, log[-3000:]
+    same_trajectory(metrics_by_step(cut), ref, range(4, STEPS + 1))
+    assert (cut / "student" / "config.json").is_file()
+
+
+def resumed_through_universal(cut, log, stage: int, saved: int, now: int) -> None:
+    """What a resume through DeepSpeed's universal checkpoint says and leaves on disk."""
+    step3 = cut / "checkpoints" / "step-00000003"
+    assert (f"resume: {step3}/ds (ZeRO-{stage}, written by {plural(saved, 'process', 'processes')}"
+            f") converted to DeepSpeed's universal checkpoint {step3}/ds_universal and loaded on "
+            f"{plural(now, 'process', 'processes')}") in log, log[-3000:]
+    assert (f"written by {plural(saved, 'process', 'processes')}, continuing on {now}: data "
+            f"re-dealt from global micro-batch 6") in log, log[-3000:]
+    # the conversion sits beside ds/ and left nothing else (its temporary directory, the
+    # latest_universal file it writes beside its output)
+    assert sorted(p.name for p in step3.iterdir() if p.name.startswith((".", "latest_u"))) == []
+    assert (step3 / "ds_universal" / "zero" / "optimizer_state.pt").is_file()
+    # the new world writes its own partitions from then on
+    assert len(list((cut / "checkpoints" / "step-00000006" / "ds").glob("*optim_states.pt"))) \
+        == now
+
+
+@pytest.mark.slow
+def test_zero_checkpoints_go_on_through_the_universal_checkpoint(setup, tmp_path):
+    """ZeRO writes one optimizer partition per rank. Resumed on another number, ds/ is
+    converted by DeepSpeed's ds_to_universal into ds_universal/ beside it and loaded with
+    DeepSpeed's universal loading, which re-partitions the fp32 master weights and Adam's
+    moments element by element (nothing is rounded): steps 4-6 follow the uninterrupted run to
+    the same 1e-5 as DDP's (they came out bitwise equal here). 2 ZeRO-2 ranks (the deepspeed
+    launcher) -> 1 process, and 1 ZeRO-3 process -> 2 ranks; the ZeRO-3 case holds DeepSpeed
+    0.19.8's shared Adam step tensor to account (without the engine's fix, 2e-3 off at step 5)."""
+    teacher, shards = setup
+    cpu = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    (tmp_path / "zero2.json").write_text(json.dumps(cpu))
+    cpu["zero_optimization"]["stage"] = 3
+    (tmp_path / "zero3.json").write_text(json.dumps(cpu))
+    z2, z3 = ["--ds", str(tmp_path / "zero2.json")], ["--ds", str(tmp_path / "zero3.json")]
+
+    out = tmp_path / "zero2"
+    run(launch_cmd("deepspeed", 2, args(out, teacher, shards, *z2)))
+    ref = metrics_by_step(out)
+    falling = [ref[s]["loss/total"] for s in range(1, STEPS + 1)]
+    assert falling[-1] < falling[0], falling  # a trajectory worth comparing
+    cut = killed_after_step_3(out, tmp_path)
+    ds_dir = cut / "checkpoints" / "step-00000003" / "ds"
+    before = {p.name: p.read_bytes() for p in ds_dir.iterdir()}
+    assert sum(name.endswith("optim_states.pt") for name in before) == 2  # one per rank
+    log = run(launch_cmd("python", 1, args(cut, teacher, shards, *z2, "--resume")))
+    resumed_through_universal(cut, log, 2, 2, 1)
+    assert {p.name: p.read_bytes() for p in ds_dir.iterdir()} == before  # nothing lost
+    got = metrics_by_step(cut)
+    assert sorted(s for s in got if "loss/total" in got[s]) == list(range(1, STEPS + 1))
+    same_trajectory(got, ref, range(4, STEPS + 1))
+
+    out = tmp_path / "zero3"
+    run(launch_cmd("python", 1, args(out, teacher, shards, *z3)))
+    same_trajectory(metrics_by_step(out), ref, range(1, STEPS + 1))
+    cut = killed_after_step_3(out, tmp_path)
+    log = run(launch_cmd("deepspeed", 2, args(cut, teacher, shards, *z3, "--resume")))
+    resumed_through_universal(cut, log, 3, 1, 2)
     same_trajectory(metrics_by_step(cut), ref, range(4, STEPS + 1))
     assert (cut / "student" / "config.json").is_file()

@@ -139,11 +139,35 @@ def test_the_accumulation_may_change_with_the_number_of_processes_only():
         "resolved.accumulation: 4 now, 2 in the checkpoint"]
 
 
-def test_deepspeed_refuses_another_world_with_the_conversion_command(tmp_path):
-    fake = SimpleNamespace(world_size=1)  # the check reads nothing else of the engine
+def test_deepspeed_without_zero_refuses_another_world_and_zero_goes_on():
+    # the check reads nothing else of the engine; ZeRO 1-3 are converted at the load
+    # (tests/multiprocess/test_world_change.py)
     with pytest.raises(UserError) as e:
-        DeepSpeedEngine.check_other_world(fake, tmp_path / "step-3", 2)
+        DeepSpeedEngine.check_other_world(SimpleNamespace(world_size=1, stage=0), "step-3", 2)
     msg = str(e.value)
-    assert "\n" not in msg and "resume with 2" in msg
-    assert (f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tmp_path}/step-3/ds "
-            f"--output_folder {tmp_path}/step-3/ds_universal") in msg
+    assert "\n" not in msg and "resume with 2" in msg and "stage 0" in msg
+    for stage in (1, 2, 3):
+        DeepSpeedEngine.check_other_world(SimpleNamespace(world_size=1, stage=stage), "s", 2)
+
+
+def test_a_failed_universal_conversion_is_one_line_naming_the_command(tmp_path):
+    """What DeepSpeed's converter cannot read: refused with the command to run by hand, and
+    nothing left behind (ds/ as it was, no ds_universal/, no temporary directory)."""
+    ckpt = tmp_path / "step-3"
+    (ckpt / "ds").mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        (ckpt / "ds" / name).write_bytes(b"not a torch archive")
+    fake = SimpleNamespace(rank=0, world_size=1, stage=2)  # what _universal reads
+    with pytest.raises(UserError) as e:
+        DeepSpeedEngine._universal(fake, ckpt, 2)
+    msg = str(e.value)
+    assert "\n" not in msg and "converting it to DeepSpeed's universal checkpoint failed" in msg
+    assert (f"python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state "
+            f"--input_folder {ckpt}/ds --output_folder {ckpt}/ds_universal by hand") in msg
+    assert msg.endswith("or resume with 2")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ds"]
+    assert {p.read_bytes() for p in (ckpt / "ds").iterdir()} == {b"not a torch archive"}
+    # a ds_universal/ is there only once whole (renamed into place): a later resume reuses it
+    (ckpt / "ds_universal").mkdir()
+    assert DeepSpeedEngine._universal(fake, ckpt, 2) is False
