@@ -4,7 +4,10 @@ from __future__ import annotations
 import importlib
 
 from ..config import ConfigError
-from .base import Engine, StepResult, resolve_precision
+import torch
+from torch import nn
+
+from .base import Engine, OptimSpec, StepResult, resolve_precision
 
 _BACKENDS = {
     "plain": ("distil_scale.engine.base", "Engine"),
@@ -24,4 +27,14 @@ def engine_class(backend: str) -> type[Engine]:
         raise ConfigError(f"parallel.backend: '{backend}' is not available here ({e})") from None
 
 
-__all__ = ["Engine", "StepResult", "engine_class", "resolve_precision"]
+def make_engine(backend: str, model: nn.Module, optim: OptimSpec, *, precision: str,
+                accum_steps: int, device: torch.device, compile: bool = False,
+                **options) -> Engine:
+    """The one way an engine is built: the model, how it is optimized, where it runs; and
+    what only one backend takes (``ds_config`` for deepspeed, ``shard_degree`` for fsdp)."""
+    return engine_class(backend)(model, optim, precision=precision, accum_steps=accum_steps,
+                                 device=device, compile=compile, **options)
+
+
+__all__ = ["Engine", "OptimSpec", "StepResult", "engine_class", "make_engine",
+           "resolve_precision"]

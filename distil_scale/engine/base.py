@@ -51,24 +51,40 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(families.layers(model.mlm if hasattr(model, "mlm") else model))
 
 
+@dataclass(frozen=True)
+class OptimSpec:
+    """How every loop optimizes: AdamW, a linear warmup then linear decay to zero at
+    ``total_steps``, gradient clipping at ``max_grad_norm`` (0: off). One spec for every
+    engine, so pretraining, GLUE, teacher preparation and the bench build engines one way."""
+
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 0.0
+    # parameter groups when not the default (every trainable parameter, no weight decay on
+    # biases and norms); each may carry its own ``lr``
+    groups: list[dict] | None = None
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return self.groups if self.groups is not None else param_groups(model, self.weight_decay)
+
+
 class Engine:
     """Single-process torch engine; DDP and FSDP subclass it."""
 
     name = "plain"
     layout = ""  # how the model is laid over the ranks, where the backend's name does not say
 
-    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, adam_eps: float,
-                 warmup_steps: int, total_steps: int, max_grad_norm: float, precision: str,
-                 accum_steps: int, device: torch.device, compile: bool = False,
-                 groups: list[dict] | None = None):
-        """``groups``: optimizer parameter groups, when not the default (every trainable
-        parameter, no weight decay on biases and norms); each may carry its own ``lr``."""
+    def __init__(self, model: nn.Module, optim: OptimSpec, *, precision: str, accum_steps: int,
+                 device: torch.device, compile: bool = False):
         from transformers import get_linear_schedule_with_warmup
 
         self.device = device
         self.precision = resolve_precision(precision, device)
         self.accum_steps = accum_steps
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = optim.max_grad_norm
         self.raw_module = model.to(device)
         if compile:
             # per transformer block (torchtitan's unit): every block has the same code, so one
@@ -77,12 +93,10 @@ class Engine:
                 block.compile()
         self.module = self.wrap(self.raw_module)
         fused = device.type == "cuda"
-        if groups is None:
-            groups = param_groups(self.raw_module, weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=lr,
-                                           eps=adam_eps, fused=fused or None)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup_steps,
-                                                         total_steps)
+        self.optimizer = torch.optim.AdamW(optim.param_groups(self.raw_module), lr=optim.lr,
+                                           eps=optim.adam_eps, fused=fused or None)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, optim.warmup_steps,
+                                                         optim.total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     # -- hooks for subclasses -----------------------------------------------------------------

@@ -40,7 +40,7 @@ from ..errors import UserError, first_line, plural
 from ..fsio import fsync_dir, fsync_tree
 from ..models import rebuild_student
 from ..runtime import amp_dtype
-from .base import Engine, StepResult, param_groups
+from .base import Engine, OptimSpec, StepResult
 
 log = logging.getLogger(__name__)
 TAG = "ds"  # DeepSpeed's checkpoint tag inside each step-N directory
@@ -81,10 +81,8 @@ class DeepSpeedEngine(Engine):
             return "bf16"
         return in_json
 
-    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, adam_eps: float,
-                 warmup_steps: int, total_steps: int, max_grad_norm: float, precision: str,
-                 accum_steps: int, device: torch.device, compile: bool = False,
-                 ds_config: dict | None = None, groups: list[dict] | None = None):
+    def __init__(self, model: nn.Module, optim: OptimSpec, *, precision: str, accum_steps: int,
+                 device: torch.device, compile: bool = False, ds_config: dict | None = None):
         import deepspeed
         from transformers import get_linear_schedule_with_warmup
 
@@ -98,14 +96,14 @@ class DeepSpeedEngine(Engine):
         self.device = device
         self.precision = precision
         self.accum_steps = accum_steps
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = optim.max_grad_norm
         # the resolved precision is the one DeepSpeed runs (fp16 sections keep their loss
         # scaling settings; on a CPU an fp16 profile runs bf16)
         for half in ("bf16", "fp16"):
             if half in ds or precision == half:
                 ds[half] = {**(ds.get(half) or {}), "enabled": precision == half}
         ds.setdefault("optimizer", {"type": "AdamW", "params": {
-            "lr": lr, "eps": adam_eps, "weight_decay": weight_decay}})
+            "lr": optim.lr, "eps": optim.adam_eps, "weight_decay": optim.weight_decay}})
         ds.setdefault("steps_per_print", 1 << 30)  # the trainer logs; DeepSpeed stays quiet
         refuse_unimplemented(ds)
         self.ds_config = ds
@@ -118,10 +116,10 @@ class DeepSpeedEngine(Engine):
         self.raw_module = model.to(device)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.raw_module,
-            model_parameters=groups or param_groups(self.raw_module, weight_decay),
+            model_parameters=optim.param_groups(self.raw_module),
             config=ds,
-            lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, warmup_steps,
-                                                                     total_steps))
+            lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, optim.warmup_steps,
+                                                                     optim.total_steps))
         if self.ds.gradient_accumulation_steps() != accum_steps:
             raise ConfigError(f"--ds: gradient_accumulation_steps="
                               f"{self.ds.gradient_accumulation_steps()} but the trainer "

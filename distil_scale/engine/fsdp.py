@@ -40,15 +40,15 @@ from ..errors import first_line
 from ..config import ConfigError
 from ..distributed import ensure_process_group
 from ..models import rebuild_student
-from .base import Engine, transformer_blocks
+from .base import Engine, OptimSpec, transformer_blocks
 
 
 class FSDPEngine(Engine):
     name = "fsdp"
 
-    def __init__(self, model: nn.Module, *, shard_degree: int = 0, **kw):
+    def __init__(self, model: nn.Module, optim: OptimSpec, *, shard_degree: int = 0, **kw):
         self.shard_degree = shard_degree
-        super().__init__(model, **kw)
+        super().__init__(model, optim, **kw)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         ensure_process_group(self.device)

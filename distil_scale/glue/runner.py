@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import from_rank0
 from ..ds_config import reconcile
-from ..engine import engine_class
+from ..engine import OptimSpec, make_engine
 from ..engine.deepspeed import zero_stage
 from ..errors import UserError
 from ..hub import load_tokenizer, resolve_model_path
@@ -70,7 +70,7 @@ def prepare_data(task: Task, cfg: GlueConfig) -> Splits:
                        sample_seed=cfg.data.sample_seed)
 
 
-def make_engine(prep: Prepared, cfg: GlueConfig, model, total_steps: int, rt):
+def glue_engine(prep: Prepared, cfg: GlueConfig, model, total_steps: int, rt):
     """The pretraining engines, for fine-tuning: every backend, precision (with fp16 loss
     scaling) and the non-finite guard reach GLUE runs too."""
     tc = cfg.train
@@ -87,11 +87,12 @@ def make_engine(prep: Prepared, cfg: GlueConfig, model, total_steps: int, rt):
             raise UserError(f"parallel.ds_config: '{path}' uses ZeRO-3; fine-tuning takes "
                             "stages 0-2 (e.g. ds_configs/cpu.json or rtx4070.json)")
         kw["ds_config"] = ds
-    return engine_class(prep.backend)(
-        model, lr=tc.lr, weight_decay=tc.weight_decay, adam_eps=tc.adam_eps,
-        warmup_steps=int(tc.warmup_ratio * total_steps), total_steps=total_steps,
-        max_grad_norm=tc.max_grad_norm, precision=rt.precision, accum_steps=1,
-        device=rt.device, **kw)
+    optim = OptimSpec(lr=tc.lr, total_steps=total_steps,
+                      warmup_steps=int(tc.warmup_ratio * total_steps),
+                      weight_decay=tc.weight_decay, adam_eps=tc.adam_eps,
+                      max_grad_norm=tc.max_grad_norm)
+    return make_engine(prep.backend, model, optim, precision=rt.precision, accum_steps=1,
+                       device=rt.device, **kw)
 
 
 @dataclass
@@ -187,7 +188,7 @@ def train_one(prep: Prepared, cfg: GlueConfig, seed: int, out_dir: Path,
                                  seed=seed)
     loader = DataLoader(rows.train, batch_size=tc.batch_size // d.world, sampler=sampler,
                         collate_fn=collate)
-    engine = make_engine(prep, cfg, model, len(loader) * tc.epochs, d)
+    engine = glue_engine(prep, cfg, model, len(loader) * tc.epochs, d)
     metrics = MetricsLogger(out_dir, enabled=d.is_main, tensorboard=tc.tensorboard)
     steps = Steps(engine, loss_fn, cfg, d, metrics)
     sizes = [f"train {len(rows.train)} (of {splits.train_total})",

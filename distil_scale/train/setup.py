@@ -24,7 +24,7 @@ from ..data.loader import BatchLoader
 from ..data.masking import MaskedBatch, make_eval_masker, make_masker
 from ..data.stream import is_shard_dir, open_pretrain_stream
 from ..distributed import barrier, rank0_first
-from ..engine import engine_class
+from ..engine import OptimSpec, engine_class, make_engine
 from ..evaluate import fixed_eval_batches, mlm_eval
 from ..losses import LossWeights
 from ..metrics import MetricsLogger, distill_flops_per_token, mfu_peak
@@ -298,11 +298,12 @@ def _build(cfg: Config, rt: runtime.Runtime, out: Path, lock: RunLock | None, *,
                                   world=rt.world, workers=cfg.data.tokenize_workers)
     state.loader = BatchLoader(stream, cfg.data.prefetch, transform=prepare_batch)
     t = cfg.train
-    engine = engine_class(cfg.parallel.backend)(
-        student, lr=t.lr, weight_decay=t.weight_decay,
-        adam_eps=t.adam_eps, warmup_steps=t.warmup_steps, total_steps=t.max_steps,
-        max_grad_norm=t.max_grad_norm, precision=rt.precision, accum_steps=accum,
-        device=rt.device, compile=t.compile, **engine_options(cfg, ds_config))
+    optim = OptimSpec(lr=t.lr, total_steps=t.max_steps, warmup_steps=t.warmup_steps,
+                      weight_decay=t.weight_decay, adam_eps=t.adam_eps,
+                      max_grad_norm=t.max_grad_norm)
+    engine = make_engine(cfg.parallel.backend, student, optim, precision=rt.precision,
+                         accum_steps=accum, device=rt.device, compile=t.compile,
+                         **engine_options(cfg, ds_config))
     eval_batches = fixed_eval_batches(eval_ids, make_eval_masker(tokenizer, cfg.masking), micro)
     prepare_output_dir(out, resume, overwrite, rt.is_main)
     barrier()

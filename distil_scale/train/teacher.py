@@ -19,7 +19,7 @@ from .. import families
 from ..data.stream import open_pretrain_stream
 from ..data.masking import make_eval_masker, make_masker
 from ..distributed import barrier
-from ..engine.base import Engine
+from ..engine import OptimSpec, make_engine
 from ..errors import UserError
 from ..evaluate import fixed_eval_batches, mlm_eval
 from ..families import load_mlm
@@ -101,12 +101,13 @@ def prepare_head(model, tokenizer, cfg, rt, eval_ids, counts: torch.Tensor,
     for p in body + head_params:
         p.requires_grad_(True)
     fit = _HeadFit(model)
-    engine = Engine(fit, lr=tc.prepare_lr, weight_decay=0.0, adam_eps=1e-8,
-                    warmup_steps=max(1, tc.prepare_steps // 10), total_steps=tc.prepare_steps,
-                    max_grad_norm=1.0, precision=rt.precision, accum_steps=1, device=rt.device,
-                    groups=[{"params": body, "lr": tc.prepare_lr, "weight_decay": 0.0},
-                                  {"params": head_params, "lr": tc.prepare_head_lr,
-                                   "weight_decay": 0.0}])
+    optim = OptimSpec(lr=tc.prepare_lr, total_steps=tc.prepare_steps,
+                      warmup_steps=max(1, tc.prepare_steps // 10), max_grad_norm=1.0,
+                      groups=[{"params": body, "lr": tc.prepare_lr, "weight_decay": 0.0},
+                              {"params": head_params, "lr": tc.prepare_head_lr,
+                               "weight_decay": 0.0}])
+    engine = make_engine("plain", fit, optim, precision=rt.precision, accum_steps=1,
+                         device=rt.device)
     stream = open_pretrain_stream(cfg.data, tokenizer, tc.prepare_batch,
                                   seed=cfg.run.seed + 101, workers=cfg.data.tokenize_workers)
     masker = make_masker(tokenizer, cfg.masking, seed=cfg.run.seed + 101, counts=counts)

@@ -25,7 +25,7 @@ ENGINES = r"""
 import json, sys
 import torch
 from transformers import DistilBertConfig, DistilBertForMaskedLM
-from distil_scale.engine import engine_class
+from distil_scale.engine import OptimSpec, make_engine
 
 def build():
     torch.manual_seed(0)
@@ -34,15 +34,15 @@ def build():
         attention_dropout=0, attn_implementation="eager"))
 
 ids = torch.randint(5, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
-kw = dict(lr=1e-3, weight_decay=0.0, adam_eps=1e-8, warmup_steps=0, total_steps=10,
-          max_grad_norm=1.0, precision="bf16", accum_steps=1, device=torch.device("cpu"))
+optim = OptimSpec(lr=1e-3, total_steps=10, max_grad_norm=1.0)
+kw = dict(precision="bf16", accum_steps=1, device=torch.device("cpu"))
 ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
       "zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
 out = {}
 # DeepSpeed first: it creates the world-of-one group the others then join
 for name, extra in (("deepspeed", {"ds_config": ds}), ("plain", {}), ("ddp", {}), ("fsdp", {})):
-    engine = engine_class(name)(build(), **kw, **extra)
+    engine = make_engine(name, build(), optim, **kw, **extra)
     with engine.autocast():
         loss = engine.module(input_ids=ids, labels=ids).loss
     engine.backward(loss)

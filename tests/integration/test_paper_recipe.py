@@ -100,12 +100,11 @@ def test_v100_auto_precision_is_fp16_not_emulated_bf16(monkeypatch):
 def test_loss_scale_calibration_is_not_divergence():
     """fp16 starts its loss scale at 2^16 and drops the first updates while it calibrates: those
     skips must not count toward train.max_nonfinite_steps; a non-finite loss still does."""
-    from distil_scale.engine.base import Engine, StepResult
+    from distil_scale.engine.base import Engine, OptimSpec, StepResult
 
     model = torch.nn.Linear(4, 1)
-    eng = Engine(model, lr=1e-3, weight_decay=0.0, adam_eps=1e-8, warmup_steps=0,
-                 total_steps=10, max_grad_norm=1.0, precision="fp32", accum_steps=1,
-                 device=torch.device("cpu"))
+    eng = Engine(model, OptimSpec(lr=1e-3, total_steps=10, max_grad_norm=1.0), precision="fp32",
+                 accum_steps=1, device=torch.device("cpu"))
     # the fp16 path's scaler, on CPU: gradients overflow only once scaled by 2^16
     eng.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     before = model.weight.detach().clone()

@@ -41,7 +41,7 @@ from ...data.loader import BatchLoader
 from ...data.stream import PretrainStream
 from ...data.masking import MaskedBatch, make_masker
 from ...data.sources import is_heldout, iter_texts, open_from_config
-from ...engine.base import Engine, param_groups
+from ...engine import OptimSpec, make_engine
 from ...errors import UserError
 from ...families import load_mlm
 from ...losses import LossWeights
@@ -313,14 +313,16 @@ class Runner:
                                                     dev)
         # the trainer's optimizer settings and schedule (the original's are the same: AdamW,
         # eps 1e-6, clipping at 5, linear warmup)
-        self.engine = Engine(module, lr=5e-4, weight_decay=0.0, adam_eps=1e-6, warmup_steps=10,
-                             total_steps=10**6, max_grad_norm=5.0, precision=self.precision,
-                             accum_steps=1, device=dev, compile=v.compile)
+        optim = OptimSpec(lr=5e-4, total_steps=10**6, warmup_steps=10, adam_eps=1e-6,
+                          max_grad_norm=5.0)
+        self.engine = make_engine("plain", module, optim, precision=self.precision,
+                                  accum_steps=1, device=dev, compile=v.compile)
         if v.fused_adamw is False and dev.type == "cuda":
             eng = self.engine
-            eng.optimizer = torch.optim.AdamW(param_groups(eng.raw_module, 0.0), lr=5e-4,
-                                              eps=1e-6, fused=False)
-            eng.scheduler = get_linear_schedule_with_warmup(eng.optimizer, 10, 10**6)
+            eng.optimizer = torch.optim.AdamW(optim.param_groups(eng.raw_module), lr=optim.lr,
+                                              eps=optim.adam_eps, fused=False)
+            eng.scheduler = get_linear_schedule_with_warmup(eng.optimizer, optim.warmup_steps,
+                                                            optim.total_steps)
         self.engine.module.train()
         if v.data == "packed":
             self.data = PackedBatches(setup, v.prefetch, masker)
