@@ -37,12 +37,12 @@ class TeacherConfig:
     # A checkpoint without an MLM head is prepared first for this many steps; 0 refuses such a
     # checkpoint instead of distilling from a random head.
     prepare_steps: int = 150
-    # encoder layers trained with the head, from the top. Measured on all-MiniLM-L6-v2 + BBC,
-    # 150 steps: head + top 2 -> 14.3 % held-out masked-token accuracy, all 6 -> 25.9 %
+    # encoder layers trained with the head, from the top: all 6 give a far better teacher than
+    # the top 2 in the same steps (docs/results.md#teacher-preparation)
     prepare_unfreeze_layers: int = 6
     # also train the embeddings (tied to the output projection): all-MiniLM-L6-v2's [MASK]
-    # embedding is nearly zero (norm 0.25 vs ~1.1), so a frozen one can barely be read
-    # (measured: 26.1 % with all 6 layers, +0.2 points for ~10 % more time; 17.3 % with top 2)
+    # embedding is nearly zero (norm 0.25 vs ~1.1), so a frozen one can barely be read; off by
+    # default: with all 6 layers trained it adds little for more time (same page)
     prepare_unfreeze_embeddings: bool = False
     prepare_lr: float = 3e-4
     prepare_head_lr: float = 3e-3
