@@ -148,12 +148,13 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _kl_grad_eager(z, zt, scale, dtype):
-    """One chunk's KL sum and gradient: ``z``, ``zt`` are student and teacher logits / T
-    (C, V); returns (sum p_t (log p_t - log p_s), scale * (p_s - p_t) in ``dtype``, its column
-    sums in fp32). In place wherever it can: each (C, V) fp32 tensor is a pass over memory."""
-    lt = torch.log_softmax(zt.float(), dim=-1)
-    ls = torch.log_softmax(z.float(), dim=-1)
+def _kl_grad_eager(z, zt, inv_t, scale, dtype):
+    """One chunk's KL sum and gradient: ``z``, ``zt`` are student and teacher logits (C, V),
+    ``inv_t`` 1/T; returns (sum p_t (log p_t - log p_s) at T, scale * (p_s - p_t) in ``dtype``,
+    its column sums in fp32). In place wherever it can: each (C, V) fp32 tensor is a pass over
+    memory."""
+    lt = torch.log_softmax(zt.float().mul_(inv_t), dim=-1)
+    ls = torch.log_softmax(z.float().mul_(inv_t), dim=-1)
     pt = lt.exp()
     # the difference taken per element: two sums of p log p would cancel catastrophically
     # when the student is close to the teacher
@@ -167,12 +168,13 @@ def _kl_grad_eager(z, zt, scale, dtype):
     return kl, torch.mul(g, scale, out=torch.empty(g.shape, dtype=dtype, device=g.device)), colsum
 
 
-def _kl_grad_fused(z, zt, scale, dtype):
+def _kl_grad_fused(z, zt, inv_t, scale, dtype):
     """``_kl_grad_eager``'s math written plainly, for torch.compile: inductor fuses it into a
     few loops that read the two logit chunks once and write the gradient once (measured 3.6x
-    faster than the eager chain on a CPU core; Triton kernels on CUDA)."""
-    ls = torch.log_softmax(z.float(), dim=-1)
-    lt = torch.log_softmax(zt.float(), dim=-1)
+    faster than the eager chain on a CPU core; Triton kernels on CUDA). The 1/T is applied in
+    those loops too, where it costs nothing."""
+    ls = torch.log_softmax(z.float() * inv_t, dim=-1)
+    lt = torch.log_softmax(zt.float() * inv_t, dim=-1)
     pt = lt.exp()
     g = ((ls.exp() - pt) * scale).to(dtype)
     # the column sums (the bias gradient) reduce across rows, which the row-wise kernel cannot
@@ -226,36 +228,33 @@ class FusedVocabLoss(torch.autograd.Function):
         need_grad = ctx.needs_input_grad
         g_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) \
             if need_grad[0] else None
-        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=rows.device) \
-            if need_grad[1] else None
+        # the weight gradient starts as the first chunk's (no (V, D) zero fill to add to)
+        g_w = None
         g_b = torch.zeros(bias.shape, dtype=torch.float32, device=rows.device) \
             if bias is not None and need_grad[2] else None
         kl_sum = rows.new_zeros((), dtype=torch.float32)
         mlm_sum = rows.new_zeros((), dtype=torch.float32)
         n_mlm = t.labels.numel()
-        # cast once, not per chunk: each is a (V, D) copy. With the KL on, 1/T is folded into
-        # the projections (exact in bf16 for T = 2), so the logits come out already divided
-        # and no (C, V) pass divides them; the MLM rows are multiplied back by T.
-        inv_t = 1.0 / T if kl_on else 1.0
-        w_c = (weight * inv_t).to(dtype) if kl_on else weight.to(dtype)
-        b_c = None if bias is None else (bias * inv_t).to(dtype)
+        # cast once, not per chunk (each is a (V, D) copy; none where the dtype is already
+        # the one computed in). The logits are the plain projections: the KL kernel divides
+        # them by T on the fly, so no scaled (V, D) weight copies are made per forward
+        w_c, b_c = weight.to(dtype), None if bias is None else bias.to(dtype)
         if kl_on:
-            wt_c = (t.teacher_weight * inv_t).to(t_dtype)
-            bt_c = None if t.teacher_bias is None else (t.teacher_bias * inv_t).to(t_dtype)
+            wt_c = t.teacher_weight.to(t_dtype)
+            bt_c = None if t.teacher_bias is None else t.teacher_bias.to(t_dtype)
         c_kl = t.alpha_ce * T / n  # d (T^2 KL / N) / d z_s = T (p_s - p_t) / N
         scale = torch.tensor(c_kl, dtype=torch.float32, device=rows.device)
+        inv_t = torch.tensor(1.0 / T, dtype=torch.float32, device=rows.device)
         for i, c0 in enumerate(range(0, n, t.chunk_rows)):
             c1 = min(c0 + t.chunk_rows, n)
             r = rows[c0:c1].to(dtype)
-            # (C, V) logits / T as F.linear computes them under autocast (the dtype's own)
+            # (C, V) logits as F.linear computes them under autocast (the dtype's own)
             z = F.linear(r, w_c, b_c)
             a, b = (t.mlm_bounds[i], t.mlm_bounds[i + 1]) if mlm_on else (0, 0)
             gm = None
             if b > a:
                 local, lab = t.mlm_rows[a:b] - c0, t.labels[a:b]
                 zm = z.index_select(0, local).float()
-                if kl_on:
-                    zm.mul_(T)
                 lse = torch.logsumexp(zm, dim=-1)
                 mlm_sum = mlm_sum + (lse - zm.gather(1, lab[:, None]).squeeze(1)).sum()
                 # d CE / d z = softmax - onehot, over the MLM rows' count; each row once, so a
@@ -265,7 +264,7 @@ class FusedVocabLoss(torch.autograd.Function):
                 gm.mul_(t.alpha_mlm / n_mlm)
             if kl_on:
                 zt = F.linear(t.teacher_rows[c0:c1].to(t_dtype), wt_c, bt_c)
-                kl_c, gd, colsum = _kl_grad(t.compiled, z, zt, scale, dtype)
+                kl_c, gd, colsum = _kl_grad(t.compiled, z, zt, inv_t, scale, dtype)
                 kl_sum = kl_sum + kl_c
                 z = zt = None
             elif gm is not None:  # the MLM term alone: only its rows have a gradient
@@ -281,27 +280,39 @@ class FusedVocabLoss(torch.autograd.Function):
                 g_b.add_(colsum)
             if g_rows is not None:
                 g_rows[c0:c1] = gd @ w_c
-            if g_w is not None:
-                g_w += gd.t() @ r
+            if need_grad[1]:
+                part = gd.t() @ r
+                if g_w is None:
+                    g_w = part.to(torch.float32)
+                else:
+                    g_w += part
             # nothing of this chunk may live on into the next one's peak
-            gd = gm = colsum = None
-        if kl_on and g_rows is not None:
-            g_rows.mul_(T)  # d/d rows = grad @ W, and w_c is W / T
+            gd = gm = colsum = part = None
+        if need_grad[1] and g_w is None:  # no chunk had a row with a loss on it
+            g_w = torch.zeros(weight.shape, dtype=torch.float32, device=rows.device)
         kl = kl_sum * (T * T / n)
         mlm = mlm_sum / n_mlm if n_mlm else mlm_sum
         total = t.alpha_ce * kl + t.alpha_mlm * mlm if mlm_on else t.alpha_ce * kl
         ctx.save_for_backward(*(x for x in (g_rows, g_w, g_b) if x is not None))
         ctx.has = (g_rows is not None, g_w is not None, g_b is not None)
+        ctx.backward_done = False
         ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(kl, mlm)
         return total, kl, mlm
 
     @staticmethod
     def backward(ctx, g_total, _kl, _mlm):
+        # the gradients were computed in forward and are scaled in place (a (V, D) product
+        # would be one more allocation of the weight's size), so a second backward through
+        # the same forward would scale them twice: refused
+        if ctx.backward_done:
+            raise RuntimeError("FusedVocabLoss: backward runs once per forward (its gradients "
+                               "are computed in forward); run the forward again")
+        ctx.backward_done = True
         saved = iter(ctx.saved_tensors)
         out = []
         for has, dt in zip(ctx.has, ctx.dtypes):
-            out.append((next(saved) * g_total).to(dt) if has else None)
+            out.append(next(saved).mul_(g_total).to(dt) if has else None)
         return out[0], out[1], out[2], None
 
 

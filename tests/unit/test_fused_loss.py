@@ -92,6 +92,33 @@ def test_function_bf16_autocast_within_rounding(compiled):
         assert rel(g, r) < BF16_GRAD
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("T", [1.0, 3.0])  # the 1/T applied to the logits, not the weights
+def test_other_temperatures_equal_naive_fp32(T, compiled):
+    hs, W, b, ht, Wt, bt, rows, labels = _problem()
+    ref = _naive(hs, W, b, ht, Wt, bt, rows, labels, T, 5.0, 2.0)
+    t = VocabTargets(ht, Wt, bt, labels, rows, mlm_chunk_bounds(rows, 103, 16), 16, T, 5.0,
+                     2.0, compiled)
+    total, _, _ = fused_vocab_loss(hs, W, b, t)
+    assert rel(total, ref) < FP32
+    for g, r in zip(torch.autograd.grad(total, [hs, W, b]), torch.autograd.grad(ref, [hs, W, b])):
+        assert rel(g, r) < FP32
+
+
+def test_a_second_backward_through_one_forward_is_refused():
+    """The gradients are made in forward and scaled in place by backward: a second backward
+    (retain_graph) would scale them again, so it fails instead of returning wrong values."""
+    hs, W, b, ht, Wt, bt, rows, labels = _problem()
+    t = VocabTargets(ht, Wt, bt, labels, rows, mlm_chunk_bounds(rows, 103, 16), 16, 2.0, 5.0,
+                     2.0)
+    total, _, _ = fused_vocab_loss(hs, W, b, t)
+    (total * 3.0).backward(retain_graph=True)
+    ref = _naive(hs, W, b, ht, Wt, bt, rows, labels, 2.0, 5.0, 2.0)
+    assert rel(W.grad, torch.autograd.grad(ref * 3.0, [W])[0]) < FP32
+    with pytest.raises(RuntimeError, match="backward runs once per forward"):
+        total.backward()
+
+
 def test_wrong_gradient_is_caught():
     """The comparison can fail: a temperature off by 5 % moves the gradients beyond 1e-5."""
     hs, W, b, ht, Wt, bt, rows, labels = _problem()
