@@ -24,7 +24,7 @@ def test_minilm_sst2_subset_beats_majority(tmp_path):
          "--output-dir", str(tmp_path), "data.max_train_samples=400", "data.max_eval_samples=300",
          "train.epochs=2", "train.batch_size=16", "train.lr=2e-4", "run.save_model=false",
          "train.progress_bar=false"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900)  # a hang guard only
     assert p.returncode == 0, p.stderr[-3000:]
     assert "epoch 2/2  train_loss" in p.stdout and "(majority 0.5" in p.stdout
     r = json.loads((tmp_path / "results.json").read_text())
