@@ -29,9 +29,10 @@ Design (fixed before any run):
 Budget (default): on 2 idle CPU cores the demo step (batch 16, seq 128, KL over every token,
 bf16) measured 1.36 s (docs/bench-cpu-demo-2026-12-02.json) and teacher preparation about
 0.55 s (README): 600 teacher steps ~6 min, 4 arms x 4 seeds x 150 steps ~54 min, ~20 s of
-start-up and curve evaluations per run ~6 min, held-out scoring of 18 models (BBC: 125
-documents, 57k tokens; 3 mask draws, ~26k positions; teacher forward for KL) ~5 min, probes ~3 min, 10 one-epoch fine-tunings on
-4,000 SST-2 sentences ~10 min: about 85 min, under the 100 min target. ``--quick`` (2 seeds,
+start-up and curve evaluations per run ~6 min, held-out scoring (BBC: 125 documents, 57k
+tokens; 3 mask draws, ~26k positions, bf16) of the teacher once (its hidden rows kept for the
+KL) and of 17 students at ~25 s each ~8 min, probes ~3 min, 10 one-epoch fine-tunings on 4,000
+SST-2 sentences ~10 min: about 87 min, under the 100 min target. ``--quick`` (2 seeds,
 12 steps, 40 teacher steps, small SST-2 subsets): about 8 min, and writes to runs/study-quick.
 
 Every cell keeps a key of its resolved config, budget, upstream cells and the code version
@@ -48,6 +49,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .. import runtime
 from ..assets import CONFIGS
@@ -245,21 +248,28 @@ class Study:
         return self.cells.run("step0", spec, run, upstream=(teacher,))
 
     # -- endpoints ----------------------------------------------------------------------------
-    def score(self, name: str, model: dict, teacher: dict, held: dict) -> dict:
+    def score(self, name: str, model: dict, teacher: dict, held: dict,
+              t_score: dict | None = None) -> dict:
+        """The primary endpoint of one model; the teacher's own cell (``t_score`` None) keeps
+        its hidden rows for every student's KL."""
         cfg = self.pretrain_cfg(self.cells.dir("heldout"), [])
         spec = {"draws": self.b.draws, "seq": cfg.data.max_seq_len,
-                "masking": to_dict(cfg.masking)}
-        is_teacher = model is teacher
+                "masking": to_dict(cfg.masking), "precision": "auto (bf16 where native)"}
 
         def run(d: Path) -> dict:
             docs = json.loads((self.cells.dir("heldout") / "docs.json").read_text())
             tok = load_tokenizer(teacher["path"])
-            sums = E.score_model(model.get("student") or model["path"],
-                                 None if is_teacher else teacher["path"], docs, tok, cfg,
-                                 self.b.draws)
+            if t_score is None:
+                sums, rows = E.score_teacher(teacher["path"], docs, tok, cfg, self.b.draws)
+                torch.save(rows, d / "teacher_rows.pt")
+            else:
+                rows = torch.load(t_score["rows"])
+                sums = E.score_model(model["student"], teacher["path"], rows, docs, tok, cfg,
+                                     self.b.draws)
             E.save_sums(d / "sums.npz", sums)
-            return {**E.totals(sums), "sums": str(d / "sums.npz")}
-        ups = (model, held) if is_teacher else (model, teacher, held)
+            return {**E.totals(sums), "sums": str(d / "sums.npz"),
+                    **({"rows": str(d / "teacher_rows.pt")} if t_score is None else {})}
+        ups = (model, held) if t_score is None else (model, t_score, held)
         return self.cells.run(f"score/{name}", spec, run, upstream=ups)
 
     def probe(self, name: str, model: dict, data_fp: list) -> dict:
@@ -331,11 +341,11 @@ def run_study(st: Study) -> dict:
     held = st.heldout(teacher)
     step0 = st.step0(teacher)
     runs = {a.name: {s: st.pretrain(teacher, a, s) for s in range(st.b.seeds)} for a in st.arms}
-    scores = {"teacher": st.score("teacher", teacher, teacher, held),
-              "step0": st.score("step0", step0, teacher, held)}
+    t_score = st.score("teacher", teacher, teacher, held)
+    scores = {"teacher": t_score, "step0": st.score("step0", step0, teacher, held, t_score)}
     for a, by_seed in runs.items():
         for s, r in by_seed.items():
-            scores[f"{a}/seed{s}"] = st.score(f"{a}/seed{s}", r, teacher, held)
+            scores[f"{a}/seed{s}"] = st.score(f"{a}/seed{s}", r, teacher, held, t_score)
     fp = files_fingerprint(sorted((Path(st.data_dir) / "SST-2").glob("*.tsv"))) \
         if st.data_dir else ["hub"]
     probes = {"teacher": st.probe("teacher", teacher, fp), "step0": st.probe("step0", step0, fp)}
