@@ -427,6 +427,8 @@ def run_cli(argv=None) -> int:
         key = o.split("=", 1)[0]
         if key in _STUDY_KEYS:
             raise UserError(f"{key}: set by the study ({_STUDY_KEYS[key]}); drop the override")
+    # the SST-2 cells come after an hour of pretraining: data they cannot read is refused first
+    E.probe_data(args.data_dir, 1, 1)
     out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
     out.mkdir(parents=True, exist_ok=True)
     arms = ARMS + ((NO_MLM,) if args.with_no_mlm else ())

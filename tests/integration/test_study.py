@@ -70,3 +70,13 @@ def test_overrides_the_study_owns_are_refused(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         "error: train.max_steps: set by the study (--steps); drop the override")
+
+
+def test_glue_data_it_cannot_read_is_refused_before_any_cell(tmp_path):
+    out = tmp_path / "s"
+    r = run_launcher("study.py", ["--quick", "--out", str(out), "--data-dir",
+                                  str(tmp_path / "nowhere")])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: --data-dir: '{tmp_path / 'nowhere'}' is not a directory")
+    assert not (out / "cells").exists()
