@@ -1,12 +1,14 @@
-"""The paper's ablations in miniature, on real data, on a CPU:
+"""The paper's ablations in miniature, with confidence intervals, on real data, on a CPU:
 
-    python launch/study.py [--quick] [--out runs/study] [--steps N] [--seeds N] [--tasks a,b]
-        [--max-train N] [--epochs N] [--data-dir GLUE_DIR] [key=value ...]
+    python launch/study.py [--quick] [--out DIR] [--seeds N] [--steps N] [--eval-every N]
+        [--teacher-steps N] [--draws N] [--probe-train N] [--ft-train N] [--max-eval N]
+        [--ft-seeds N] [--with-no-mlm] [--data-dir GLUE_DIR] [key=value ...]
 
-From the demo teacher: the full recipe, -L_ce, -L_cos, -L_mlm and random init pretrained with
-the same steps, then scored on held-out masked-token accuracy and GLUE dev sets beside the
-teacher, task-specific distillation and the majority class. Writes study.md and study.png;
-finished cells are not run again.
+One teacher prepared once; the full recipe, -L_ce, -L_cos and random init pretrained from
+several paired seeds; every model scored on the whole held-out set (cross-entropy, accuracy,
+KL to the teacher) and an SST-2 probe, beside the teacher, the step-0 control and
+DistilBERT(D); paired differences with 95 % intervals. Writes study.md, study.json and
+study.png; cells whose settings and code are unchanged are reused.
 """
 import os
 import sys

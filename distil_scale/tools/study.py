@@ -1,347 +1,447 @@
-"""A miniature reproduction of the paper's Tables 1 and 4, on real data, on a CPU:
-``python launch/study.py``.
+"""A miniature of the paper's ablations (Sanh et al. 2019, Table 4) that can tell its arms
+apart, on real data, on a CPU: ``python launch/study.py``.
 
-From the demo's teacher (configs/demo.yaml), each variant pretrains a student with the same
-step budget: the full triple loss with teacher initialisation, then without L_ce, without
-L_cos, without L_mlm, and with random initialisation. Each is scored on held-out masked-token
-accuracy and fine-tuned on GLUE dev sets (train subsets; median of seeds, with their spread).
-Beside them: the teacher fine-tuned the same way, task-specific distillation with no
-pretraining (a student cut from the teacher's layers, distilled on the task from the
-fine-tuned teacher), and the majority class. Output: ``study.md`` (each variant's delta from the
-full recipe and its share of the teacher's score, beside the paper's deltas) and ``study.png``.
+Design (fixed before any run):
 
-Every cell (one pretraining run, one task × model) leaves its result file behind; a study run
-again skips finished cells, so an interrupted study continues where it stopped.
+* one teacher: the demo's all-MiniLM-L6-v2 with its MLM head fitted for ``teacher_steps``
+  (four times the demo's 150) with a fixed seed, prepared once and shared by every student;
+* arms: the full triple loss with teacher initialisation, - L_ce, - L_cos and random init
+  (``--with-no-mlm`` adds - L_mlm, whose paper effect, -0.31, is below any miniature's
+  resolution), each pretrained for ``steps`` from ``seeds`` pretraining seeds. The design is
+  paired: run.seed fixes the data order and the masks, so arm and full recipe at one seed saw
+  the same batches; it also draws dropout and the random-init weights;
+* learning curves: each run's own held-out evaluation every ``eval_every`` steps
+  (metrics.jsonl; the first ``data.eval_sequences`` held-out sequences in that seed's order);
+* primary endpoint: masked-LM cross-entropy, accuracy and KL(teacher || student) over every
+  held-out document with fixed mask draws (the same positions for every model), beside the
+  floor of always guessing the most frequent token (study_eval.py);
+* secondary endpoint: an SST-2 linear probe on frozen mean-pooled features (fixed training
+  subset, fixed C, one score on dev: no selection), and one-epoch SST-2 fine-tuning of the
+  teacher, the full-recipe students, DistilBERT(D) (task distillation from the fine-tuned
+  teacher on top of each full-recipe student) and the step-0 control (the teacher-initialised
+  student with no distillation step). One epoch means the reported dev score is the only
+  epoch's: nothing is selected on dev;
+* statistics (study_stats.py): the unit is the pretraining seed; per arm the paired
+  difference to the full recipe, its mean with a 95 % t-interval, the bootstrap evaluation
+  error over held-out documents (dev examples for SST-2), and for an interval that holds 0
+  the minimal detectable effect.
+
+Budget (default): on 2 idle CPU cores the demo step (batch 16, seq 128, KL over every token,
+bf16) measured 1.36 s (docs/bench-cpu-demo-2026-12-02.json) and teacher preparation about
+0.55 s (README): 600 teacher steps ~6 min, 4 arms x 4 seeds x 150 steps ~54 min, ~20 s of
+start-up and curve evaluations per run ~6 min, held-out scoring (BBC: 125 documents, 57k
+tokens; 3 mask draws, ~26k positions, bf16) of the teacher once (its hidden rows kept for the
+KL) and of 17 students at ~25 s each ~8 min, probes ~3 min, 10 one-epoch fine-tunings on 4,000
+SST-2 sentences ~10 min: about 87 min, under the 100 min target. ``--quick`` (2 seeds,
+12 steps, 40 teacher steps, small SST-2 subsets): about 8 min, and writes to runs/study-quick.
+
+Every cell keeps a key of its resolved config, budget, upstream cells and the code version
+(study_cells.py): a changed setting reruns the cells it reaches and reuses the rest.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
-import os
-import statistics
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from .. import runtime
 from ..assets import CONFIGS
-from ..config import load_config
+from ..config import load_config, to_dict
+from ..data.loader import build_eval_set, scan_token_counts
+from ..data.sources import source_fingerprint
+from ..engine import engine_class
 from ..errors import UserError, main_guard
 from ..glue.config import load_glue_config
 from ..glue.distill import distill_task
 from ..glue.runner import finetune
 from ..glue.tasks import get_task
+from ..hub import load_tokenizer, resolve_model_path
+from ..families import load_mlm
+from ..models import build_student
 from ..train import train
+from ..train.state import seed_all
+from ..train.teacher import load_teacher
+from . import study_eval as E
+from .study_cells import Cells, code_version, files_fingerprint
+from .study_report import plot, render, summarise
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = CONFIGS / "demo.yaml"
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+# the tables and figure are redrawn from the cells on every run: editing them reruns no cell
+REPORT_CODE = ("tools/study_report.py",)
+TEACHER_SEED = 1000  # the teacher's preparation stream and masks: no student's run.seed
 
 
 @dataclass(frozen=True)
-class Variant:
+class Arm:
     name: str
     label: str
     overrides: tuple = ()
     paper_delta: float | None = None  # Table 4: GLUE macro-score change from the full recipe
 
 
-# Table 4 of Sanh et al. (2019): the ablations' GLUE macro-score deltas
-VARIANTS = (
-    Variant("full", "full recipe (L_ce + L_mlm + L_cos, teacher init)", (), 0.0),
-    Variant("no_ce", "- L_ce (no soft-target KL)", ("loss.alpha_ce=0",), -2.96),
-    Variant("no_cos", "- L_cos", ("loss.alpha_cos=0",), -1.46),
-    Variant("no_mlm", "- L_mlm", ("loss.alpha_mlm=0",), -0.31),
-    Variant("random_init", "random init (no teacher layers)", ("student.init=random",), -3.69),
-)
-TASK_DISTILL = "task_distill"
-TEACHER = "teacher"
+FULL = Arm("full", "full recipe (L_ce + L_mlm + L_cos, teacher init)", (), 0.0)
+ARMS = (FULL,
+        Arm("no_ce", "- L_ce (no soft-target KL)", ("loss.alpha_ce=0",), -2.96),
+        Arm("no_cos", "- L_cos", ("loss.alpha_cos=0",), -1.46),
+        Arm("random_init", "random init (same triple loss)", ("student.init=random",), -3.69))
+NO_MLM = Arm("no_mlm", "- L_mlm", ("loss.alpha_mlm=0",), -0.31)
 
 
 @dataclass(frozen=True)
 class Budget:
-    steps: int          # pretraining steps per variant
-    seeds: int          # GLUE fine-tuning seeds per cell
-    tasks: tuple
-    max_train: int      # GLUE training examples per task (a fixed subset)
-    epochs: int
-    max_eval: int = 0   # 0: the whole dev set (the reported numbers)
+    seeds: int            # pretraining seeds per arm (the statistical unit)
+    steps: int            # pretraining steps per run
+    eval_every: int       # learning-curve interval
+    teacher_steps: int    # teacher MLM-head preparation steps (once)
+    draws: int            # fixed mask draws over the held-out documents
+    probe_train: int      # SST-2 training sentences for the probe
+    ft_train: int         # SST-2 training examples for the fine-tuning cells
+    max_eval: int = 0     # SST-2 dev examples (0: all 872, the reported numbers)
+    heldout_docs: int = 0  # held-out documents scored (0: all)
+    ft_seeds: int = 1     # fine-tuning seeds per cell, averaged within a pretraining seed
 
 
-DEFAULT = Budget(steps=80, seeds=3, tasks=("sst2", "mrpc", "cola", "rte"), max_train=600,
-                 epochs=2)
-QUICK = Budget(steps=20, seeds=1, tasks=("sst2", "rte"), max_train=200, epochs=1, max_eval=200)
-
+DEFAULT = Budget(seeds=4, steps=150, eval_every=25, teacher_steps=600, draws=3,
+                 probe_train=4000, ft_train=4000)
+QUICK = Budget(seeds=2, steps=12, eval_every=4, teacher_steps=40, draws=1, probe_train=500,
+               ft_train=200, max_eval=200)
 
 # pretraining keys the study sets itself, and the flag that sets them
-_STUDY_KEYS = {"run.output_dir": "--out", "train.max_steps": "--steps",
-               "train.eval_every": "at the end of each run",
-               "checkpoint.every_steps": "halfway and at the end"}
+_STUDY_KEYS = {"run.output_dir": "--out", "run.seed": "--seeds (0 .. N-1)",
+               "train.max_steps": "--steps", "train.eval_every": "--eval-every",
+               "checkpoint.every_steps": "halfway and at the end",
+               "teacher.prepare_steps": "--teacher-steps",
+               "teacher.prepared_dir": "the teacher cell"}
+# settings that name where a cell writes, not what it computes
+_PLACES = ("run.output_dir", "metrics.progress_bar", "teacher.prepared_dir")
 
 
 def _say(msg: str) -> None:
     print(f"study: {msg}", flush=True)
 
 
-# -- pretraining ------------------------------------------------------------------------------
-def pretrain_cell(out: Path, v: Variant, b: Budget, overrides: list[str]) -> dict:
-    """One variant's pretraining run; its summary.json marks the cell finished."""
-    done = out / "summary.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    cfg = load_config(str(DEMO), [
-        f"run.output_dir={out}", f"train.max_steps={b.steps}", f"train.eval_every={b.steps}",
-        f"checkpoint.every_steps={max(1, b.steps // 2)}", "metrics.progress_bar=false",
-        *v.overrides, *overrides])
-    _say(f"pretraining '{v.name}' ({v.label}): {b.steps} steps -> {out}")
-    # resume=True continues a cell that was interrupted, or starts it
-    summary = train(cfg, resume=True)
-    summary = {"variant": v.name, "acc_start": summary["acc_start"],
-               "acc_end": summary["acc_end"], "teacher_acc": summary["teacher_acc"],
-               "teacher": summary["teacher"], "steps": summary["steps"],
-               "wall_s": round(summary["wall_s"], 1), "overrides": list(v.overrides)}
-    done.write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+def _inputs(cfg, **more) -> dict:
+    """What a teacher preparation or the held-out set depends on: the teacher, data and
+    masking settings and the corpus itself (not the students' settings)."""
+    t = to_dict(cfg.teacher)
+    t.pop("prepared_dir", None)
+    return {"teacher": t, "data": to_dict(cfg.data), "masking": to_dict(cfg.masking),
+            "corpus": source_fingerprint(cfg.data.source), **more}
 
 
-# -- GLUE -------------------------------------------------------------------------------------
-def _glue_cfg(task: str, b: Budget, out: Path, data_dir: str, save_model: bool,
-              extra: tuple = ()):
-    return load_glue_config(task, overrides=[
-        f"run.output_dir={out}", f"run.seeds={b.seeds}", f"run.save_model={save_model}",
-        f"data.data_dir={data_dir}", f"data.max_train_samples={b.max_train}",
-        f"data.max_eval_samples={b.max_eval}", f"train.epochs={b.epochs}",
-        "train.batch_size=16", "train.lr=1e-4", "train.progress_bar=false", *extra])
+def _spec(cfg, **more) -> dict:
+    c = to_dict(cfg)
+    for key in _PLACES:
+        sect, name = key.split(".")
+        c.get(sect, {}).pop(name, None)
+    return {"config": c, **more}
 
 
-def _seed_scores(res: dict) -> list[float]:
-    key = res["main_metric"]
-    runs = res.get("seeds") or [res]
-    return [r["metrics"][key] for r in runs]
+@dataclass
+class Study:
+    out: Path
+    b: Budget
+    overrides: list
+    data_dir: str
+    arms: tuple
+    cells: Cells
+
+    def pretrain_cfg(self, d: Path, extra: list):
+        return load_config(str(DEMO), [f"run.output_dir={d}", "metrics.progress_bar=false",
+                                       *self.overrides, *extra])
+
+    # -- the teacher and the held-out set -----------------------------------------------------
+    def teacher(self) -> dict:
+        name = "teacher"
+        d = self.cells.dir(name)
+        cfg = self.pretrain_cfg(d, [f"run.seed={TEACHER_SEED}",
+                                    f"teacher.prepare_steps={self.b.teacher_steps}",
+                                    f"teacher.prepared_dir={d / 'prepared'}"])
+        spec = _inputs(cfg, seed=TEACHER_SEED, precision=cfg.train.precision,
+                       attn=cfg.train.attn_implementation, backend=cfg.parallel.backend)
+
+        def run(d: Path) -> dict:
+            _say(f"teacher: preparing {cfg.teacher.name_or_path} once ({self.b.teacher_steps} "
+                 f"steps, seed {TEACHER_SEED})")
+            rt = runtime.resolve(engine=engine_class(cfg.parallel.backend),
+                                 precision=cfg.train.precision,
+                                 attn=cfg.train.attn_implementation,
+                                 teacher_dtype=cfg.teacher.dtype)
+            path = resolve_model_path(cfg.teacher.name_or_path)
+            tok = load_tokenizer(path)
+            cache = d / "cache"
+            eval_ids = build_eval_set(cfg.data, tok, cfg.data.eval_sequences,
+                                      seed=TEACHER_SEED, cache_dir=cache)
+            counts = functools.cache(lambda: scan_token_counts(
+                cfg.data, tok, cfg.masking.count_docs, seed=TEACHER_SEED, cache_dir=cache))
+            _, info = load_teacher(cfg, tok, rt, eval_ids, counts)
+            return {"path": info.get("prepared_dir") or path, "prepared": info["prepared"],
+                    "steps": info.get("steps", 0), "source": path}
+        return self.cells.run(name, spec, run)
+
+    def heldout(self, teacher: dict) -> dict:
+        cfg = self.pretrain_cfg(self.cells.dir("heldout"), [])
+        spec = _inputs(cfg, draws=self.b.draws, heldout_docs=self.b.heldout_docs)
+
+        def run(d: Path) -> dict:
+            tok = load_tokenizer(teacher["path"])
+            docs = E.heldout_documents(cfg.data, tok, self.b.heldout_docs)
+            if len(docs) < 2:
+                raise UserError(f"data.heldout_fraction: {len(docs)} held-out document(s) in "
+                                f"'{cfg.data.source}'; the study needs several: raise it")
+            (d / "docs.json").write_text(json.dumps(docs))
+            counts = scan_token_counts(cfg.data, tok, cfg.masking.count_docs,
+                                       seed=TEACHER_SEED, cache_dir=d / "cache")
+            sums = E.floor_scores(docs, tok, cfg, self.b.draws, counts)
+            E.save_sums(d / "floor.npz", sums)
+            return {"docs": len(docs), "tokens": sum(map(len, docs)),
+                    "floor": {**E.totals(sums), "sums": str(d / "floor.npz")}}
+        return self.cells.run("heldout", spec, run, upstream=(teacher,))
+
+    # -- students -----------------------------------------------------------------------------
+    def student_cfg(self, d: Path, teacher: dict, arm: Arm, seed: int):
+        b = self.b
+        return self.pretrain_cfg(d, [
+            f"run.seed={seed}", f"train.max_steps={b.steps}", f"train.eval_every={b.eval_every}",
+            f"checkpoint.every_steps={max(1, b.steps // 2)}",
+            f"teacher.name_or_path={teacher['path']}", *arm.overrides])
+
+    def pretrain(self, teacher: dict, arm: Arm, seed: int) -> dict:
+        name = f"pretrain/{arm.name}/seed{seed}"
+        d = self.cells.dir(name)
+        cfg = self.student_cfg(d, teacher, arm, seed)
+        spec = _spec(cfg, data=source_fingerprint(cfg.data.source))
+        spec["config"]["teacher"]["name_or_path"] = "the teacher cell"
+
+        def run(d: Path) -> dict:
+            _say(f"pretraining '{arm.name}' seed {seed}: {self.b.steps} steps -> {d}")
+            s = train(cfg, resume=True)  # continues a cell that was interrupted
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)  # the export is what is read
+            return {"arm": arm.name, "seed": seed, "student": str(d / "student"),
+                    "steps": s["steps"], "wall_s": round(s["wall_s"], 1),
+                    "curve": read_curve(d / "metrics.jsonl")}
+        return self.cells.run(name, spec, run, upstream=(teacher,))
+
+    def step0(self, teacher: dict) -> dict:
+        """The teacher-initialised student with no distillation step (the step-0 control)."""
+        d = self.cells.dir("step0")
+        cfg = self.student_cfg(d, teacher, FULL, 0)
+        spec = {"student": to_dict(cfg.student), "attn": cfg.train.attn_implementation}
+
+        def run(d: Path) -> dict:
+            mlm, _ = load_mlm(teacher["path"])
+            seed_all(0)
+            student, layers = build_student(mlm, cfg.student, "eager")
+            student.save_pretrained(d / "student")
+            load_tokenizer(teacher["path"]).save_pretrained(d / "student")
+            return {"student": str(d / "student"), "layers": list(layers)}
+        return self.cells.run("step0", spec, run, upstream=(teacher,))
+
+    # -- endpoints ----------------------------------------------------------------------------
+    def score(self, name: str, model: dict, teacher: dict, held: dict,
+              t_score: dict | None = None) -> dict:
+        """The primary endpoint of one model; the teacher's own cell (``t_score`` None) keeps
+        its hidden rows for every student's KL."""
+        cfg = self.pretrain_cfg(self.cells.dir("heldout"), [])
+        spec = {"draws": self.b.draws, "seq": cfg.data.max_seq_len,
+                "masking": to_dict(cfg.masking), "precision": "auto (bf16 where native)"}
+
+        def run(d: Path) -> dict:
+            docs = json.loads((self.cells.dir("heldout") / "docs.json").read_text())
+            tok = load_tokenizer(teacher["path"])
+            if t_score is None:
+                sums, rows = E.score_teacher(teacher["path"], docs, tok, cfg, self.b.draws)
+                torch.save(rows, d / "teacher_rows.pt")
+            else:
+                rows = torch.load(t_score["rows"])
+                sums = E.score_model(model["student"], teacher["path"], rows, docs, tok, cfg,
+                                     self.b.draws)
+            E.save_sums(d / "sums.npz", sums)
+            return {**E.totals(sums), "sums": str(d / "sums.npz"),
+                    **({"rows": str(d / "teacher_rows.pt")} if t_score is None else {})}
+        ups = (model, held) if t_score is None else (model, t_score, held)
+        return self.cells.run(f"score/{name}", spec, run, upstream=ups)
+
+    def probe(self, name: str, model: dict, data_fp: list) -> dict:
+        spec = {"probe_train": self.b.probe_train, "max_eval": self.b.max_eval, "C": E.PROBE_C,
+                "max_len": E.PROBE_MAX_LEN, "data": data_fp}
+
+        def run(d: Path) -> dict:
+            data = E.probe_data(self.data_dir, self.b.probe_train, self.b.max_eval)
+            r = E.probe(model.get("student") or model["path"], data)
+            return {**r, "majority": E.majority_acc(data)}
+        return self.cells.run(f"probe/{name}", spec, run, upstream=(model,))
+
+    def glue_cfg(self, d: Path, save_model: bool, extra: tuple = ()):
+        b = self.b
+        return load_glue_config("sst2", overrides=[
+            f"run.output_dir={d / 'run'}", f"run.seeds={b.ft_seeds}",
+            f"run.save_model={save_model}", f"data.data_dir={self.data_dir}",
+            f"data.max_train_samples={b.ft_train}", f"data.max_eval_samples={b.max_eval}",
+            "train.epochs=1", "train.batch_size=16", "train.lr=1e-4",
+            "train.progress_bar=false", "train.tensorboard=false", *extra])
+
+    def finetune(self, name: str, model: dict, data_fp: list, save_model: bool = False,
+                 teacher_ft: dict | None = None) -> dict:
+        d = self.cells.dir(f"sst2/{name}")
+        cfg = self.glue_cfg(d, save_model)
+        spec = _spec(cfg, data=data_fp, distill=teacher_ft is not None)
+        task = get_task("sst2")
+
+        def run(d: Path) -> dict:
+            spec_model = model.get("student") or model["path"]
+            if teacher_ft is None:
+                _say(f"sst2: fine-tuning {name}")
+                res = finetune(task, spec_model, cfg)
+            else:
+                _say(f"sst2: task distillation {name} from the fine-tuned teacher")
+                res = distill_task(task, teacher_ft["model"], spec_model, cfg)
+            runs = res.get("seeds") or [res]
+            out = {"acc": [r["metrics"][res["main_metric"]] for r in runs],
+                   "majority": res["majority_baseline"][res["main_metric"]]}
+            if save_model:
+                out["model"] = str(teacher_model_dir(d / "run"))
+            return out
+        ups = (model,) if teacher_ft is None else (model, teacher_ft)
+        return self.cells.run(f"sst2/{name}", spec, run, upstream=ups)
 
 
-def glue_cell(out: Path, what: str, run) -> dict:
-    """One task × model (all its seeds); results.json marks the cell finished."""
-    done = out / "results.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    _say(what)
-    return run()
+def read_curve(path: Path) -> list:
+    """[(step, held-out loss, held-out accuracy)] from a run's evaluations."""
+    out = []
+    for ln in path.read_text().splitlines():
+        row = json.loads(ln) if ln.strip() else {}
+        if "eval/student_mlm_acc" in row:
+            out.append([row["step"], row["eval/student_mlm_loss"], row["eval/student_mlm_acc"]])
+    return out
 
 
-def teacher_model_dir(cell: Path) -> Path:
-    """The fine-tuned teacher a task-specific distillation learns from (its first seed)."""
-    for d in (cell / "model", *sorted(cell.glob("seed_*/model"))):
+def teacher_model_dir(run_dir: Path) -> Path:
+    """The fine-tuned teacher a task distillation learns from (its first seed)."""
+    for d in (run_dir / "model", *sorted(run_dir.glob("seed_*/model"))):
         if (d / "config.json").is_file():
             return d
-    raise UserError(f"--out: the fine-tuned teacher in '{cell}' has no saved model; delete "
-                    f"'{cell}' and run the study again")
+    raise UserError(f"--out: the fine-tuned teacher in '{run_dir}' has no saved model; delete "
+                    f"'{run_dir.parent}' and run the study again")
 
 
-def run_study(out: Path, b: Budget, overrides: list[str], data_dir: str,
-              student_layers: str) -> dict:
+def run_study(st: Study) -> dict:
     t0 = time.time()
-    pre = {v.name: pretrain_cell(out / "pretrain" / v.name, v, b, overrides) for v in VARIANTS}
-    t_info = pre["full"]["teacher"]
-    teacher = t_info.get("prepared_dir") or t_info["path"]
-    glue: dict[str, dict[str, dict]] = {}
-    for name in b.tasks:
-        task = get_task(name)
-        cells = glue.setdefault(name, {})
-        tdir = out / "glue" / name / TEACHER
-        cells[TEACHER] = glue_cell(tdir, f"{name}: fine-tuning the teacher", lambda: finetune(
-            task, teacher, _glue_cfg(name, b, tdir, data_dir, save_model=True)))
-        for v in VARIANTS:
-            d = out / "glue" / name / v.name
-            student = str(out / "pretrain" / v.name / "student")
-            cells[v.name] = glue_cell(d, f"{name}: fine-tuning '{v.name}'", lambda: finetune(
-                task, student, _glue_cfg(name, b, d, data_dir, save_model=False)))
-        d = out / "glue" / name / TASK_DISTILL
-        cells[TASK_DISTILL] = glue_cell(
-            d, f"{name}: task-specific distillation from the fine-tuned teacher",
-            lambda: distill_task(task, str(teacher_model_dir(tdir)), "init:teacher-layers",
-                                 _glue_cfg(name, b, d, data_dir, save_model=False, extra=(
-                                     f"distill.student_layers={student_layers}",))))
-    return {"pretrain": pre, "glue": glue, "budget": b.__dict__, "wall_s": time.time() - t0}
-
-
-# -- the table --------------------------------------------------------------------------------
-def _pct(x: float) -> float:
-    return 100.0 * x
-
-
-def summarise(res: dict) -> dict:
-    """Per row: held-out MLM accuracy, per-task median/min/max (x100) and the macro score."""
-    tasks = list(res["glue"])
-    rows = {}
-    for name in [TEACHER, *(v.name for v in VARIANTS), TASK_DISTILL]:
-        r = {"tasks": {}}
-        for t in tasks:
-            s = [_pct(x) for x in _seed_scores(res["glue"][t][name])]
-            r["tasks"][t] = (statistics.median(s), min(s), max(s))
-        r["macro"] = statistics.mean(m for m, _, _ in r["tasks"].values())
-        if name in res["pretrain"]:
-            r["mlm"] = _pct(res["pretrain"][name]["acc_end"])
-        rows[name] = r
-    rows[TEACHER]["mlm"] = _pct(res["pretrain"]["full"]["teacher_acc"])
-    maj = {}
-    for t in tasks:
-        c = res["glue"][t][TEACHER]
-        maj[t] = _pct(c["majority_baseline"][c["main_metric"]])
-    rows["majority"] = {"tasks": {t: (m, m, m) for t, m in maj.items()},
-                        "macro": statistics.mean(maj.values())}
-    return rows
-
-
-def _cells_wall(res: dict) -> float:
-    return (sum(c["wall_s"] for c in res["pretrain"].values())
-            + sum(c["wall_s"] for cells in res["glue"].values() for c in cells.values()))
-
-
-def render(res: dict, rows: dict, command: str) -> str:
-    tasks = list(res["glue"])
-    b = res["budget"]
-    full, teacher = rows["full"]["macro"], rows[TEACHER]["macro"]
-    labels = {v.name: v.label for v in VARIANTS}
-    labels.update({TEACHER: "teacher (fine-tuned directly)",
-                   TASK_DISTILL: "task-specific distillation, no pretraining",
-                   "majority": "majority class"})
-    paper = {v.name: v.paper_delta for v in VARIANTS}
-    head = ("| model | held-out MLM acc | "
-            + " | ".join(f"{get_task(t).dir_name} {get_task(t).main_metric}" for t in tasks)
-            + " | macro | Δ vs full | paper Δ (Table 4) | % of teacher |")
-    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
-    for name, r in rows.items():
-        cells = [f"{m:.1f} ({lo:.1f}–{hi:.1f})" if b["seeds"] > 1 and name != "majority"
-                 else f"{m:.1f}" for m, lo, hi in r["tasks"].values()]
-        mlm = f"{r['mlm']:.1f}" if "mlm" in r else "–"
-        delta = f"{r['macro'] - full:+.2f}" if name not in (TEACHER, "majority") else "–"
-        pd = paper.get(name)
-        lines.append(f"| {labels[name]} | {mlm} | " + " | ".join(cells)
-                     + f" | {r['macro']:.1f} | {delta} | "
-                     + (f"{pd:+.2f}" if pd is not None else "–")
-                     + f" | {100 * r['macro'] / teacher:.0f} % |")
-    pre = res["pretrain"]["full"]
-    order_paper = [v.name for v in sorted(VARIANTS[1:], key=lambda v: v.paper_delta)]
-    order_here = sorted(order_paper, key=lambda n: rows[n]["macro"])
-    return "\n".join([
-        "# A miniature DistilBERT study",
-        "",
-        f"`{command}`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()}-core CPU: the cells "
-        f"took {_cells_wall(res) / 60:.0f} min of wall time (each cell's own time, summed).",
-        "",
-        f"Teacher: the demo's all-MiniLM-L6-v2 with its fitted MLM head ({pre['teacher_acc']:.1%} "
-        f"held-out masked-token accuracy). Students: 3-layer DistilBERT, {b['steps']} "
-        "pretraining steps of the demo recipe each (BBC news, batch 16, seq 128). GLUE: "
-        f"{b['max_train']} training examples per task, {b['epochs']} epoch(s), batch 16, "
-        f"lr 1e-4, scored on the {'first ' + str(b['max_eval']) + ' examples of the ' if b['max_eval'] else ''}"
-        f"dev set; median of {b['seeds']} fine-tuning seed(s)"
-        + (" with the min–max across seeds in brackets" if b["seeds"] > 1 else "")
-        + "; one pretraining run per variant. Macro = mean of the tasks' main metrics (x100).",
-        "",
-        *lines,
-        "",
-        f"Full recipe: {rows['full']['macro'] / teacher:.0%} of the teacher's macro score "
-        f"(paper, DistilBERT vs BERT-base: 97 %). Task-specific distillation with no "
-        f"pretraining: {rows[TASK_DISTILL]['macro'] / teacher:.0%}.",
-        "",
-        f"Ablation order, most harmful first: paper {', '.join(order_paper)}; here "
-        f"{', '.join(order_here)}"
-        + (" (the same)." if order_here == order_paper else " (not the paper's order)."),
-        ""])
-
-
-def plot(rows: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in rows if n != "majority"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    macro = [rows[n]["macro"] for n in names]
-    # the spread of the macro score: the mean of the tasks' seed minima and maxima
-    lo = [rows[n]["macro"] - statistics.mean(x[1] for x in rows[n]["tasks"].values())
-          for n in names]
-    hi = [statistics.mean(x[2] for x in rows[n]["tasks"].values()) - rows[n]["macro"]
-          for n in names]
-    a1.barh(names, macro, xerr=[lo, hi], color="#4c72b0")
-    a1.axvline(rows["majority"]["macro"], color="grey", ls="--", label="majority class")
-    # the differences are a few points: start the axis near the lowest score, not at 0
-    low = min(macro + [rows["majority"]["macro"]]) - sum(lo) / len(lo) - 3
-    a1.set_xlim(max(0.0, low), max(m + h for m, h in zip(macro, hi)) + 2)
-    a1.set_xlabel("GLUE macro score (dev, median of seeds)")
-    a1.invert_yaxis()
-    a1.legend(loc="lower right")
-    mlm = [n for n in names if "mlm" in rows[n]]
-    a2.barh(mlm, [rows[n]["mlm"] for n in mlm], color="#dd8452")
-    a2.set_xlabel("held-out masked-token accuracy (%)")
-    a2.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    teacher = st.teacher()
+    held = st.heldout(teacher)
+    step0 = st.step0(teacher)
+    runs = {a.name: {s: st.pretrain(teacher, a, s) for s in range(st.b.seeds)} for a in st.arms}
+    t_score = st.score("teacher", teacher, teacher, held)
+    scores = {"teacher": t_score, "step0": st.score("step0", step0, teacher, held, t_score)}
+    for a, by_seed in runs.items():
+        for s, r in by_seed.items():
+            scores[f"{a}/seed{s}"] = st.score(f"{a}/seed{s}", r, teacher, held, t_score)
+    fp = files_fingerprint(sorted((Path(st.data_dir) / "SST-2").glob("*.tsv"))) \
+        if st.data_dir else ["hub"]
+    probes = {"teacher": st.probe("teacher", teacher, fp), "step0": st.probe("step0", step0, fp)}
+    for a, by_seed in runs.items():
+        for s, r in by_seed.items():
+            probes[f"{a}/seed{s}"] = st.probe(f"{a}/seed{s}", r, fp)
+    t_ft = st.finetune("teacher", teacher, fp, save_model=True)
+    ft = {"teacher": t_ft, "step0": st.finetune("step0", step0, fp)}
+    for s, r in runs["full"].items():
+        ft[f"full/seed{s}"] = st.finetune(f"full/seed{s}", r, fp)
+        ft[f"distilbert_d/seed{s}"] = st.finetune(f"distilbert_d/seed{s}", r, fp,
+                                                  teacher_ft=t_ft)
+    return {"teacher": teacher, "heldout": held, "runs": runs, "scores": scores,
+            "probes": probes, "ft": ft, "budget": dataclasses.asdict(st.b),
+            "arms": [dataclasses.asdict(a) for a in st.arms], "wall_s": time.time() - t0,
+            "ran": list(st.cells.ran), "reused": list(st.cells.reused)}
 
 
 # -- command line -----------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="launch/study.py",
-        description="The paper's ablations in miniature from the demo teacher: pretraining "
-                    "variants scored on held-out MLM accuracy and GLUE dev sets, beside the "
-                    "teacher, task-specific distillation and the majority class.")
-    p.add_argument("--out", default="runs/study",
-                   help="where cells, study.md and study.png go (default runs/study); a "
-                        "second run skips finished cells")
+        description="The paper's ablations in miniature: full recipe, -L_ce, -L_cos and random "
+                    "init from several paired pretraining seeds, scored on the whole held-out "
+                    "set and an SST-2 probe, with paired differences and 95 %% intervals, "
+                    "beside the teacher, the step-0 control and DistilBERT(D).")
+    p.add_argument("--out", help="where cells, study.md and study.png go (default runs/study; "
+                                 "--quick: runs/study-quick); a second run reuses the cells "
+                                 "whose settings and code are unchanged")
     p.add_argument("--quick", action="store_true",
-                   help=f"a smoke-size study: {QUICK.steps} steps, {QUICK.seeds} seed, "
-                        f"{'+'.join(QUICK.tasks)}, {QUICK.max_train} examples, dev subsets")
-    p.add_argument("--steps", type=int, help="pretraining steps per variant")
-    p.add_argument("--seeds", type=int, help="GLUE fine-tuning seeds per cell")
-    p.add_argument("--tasks", help="comma list of GLUE tasks (default sst2,mrpc,cola,rte)")
-    p.add_argument("--max-train", type=int, help="GLUE training examples per task")
-    p.add_argument("--epochs", type=int, help="GLUE epochs")
+                   help=f"a smoke-size study: {QUICK.seeds} seeds, {QUICK.steps} steps, "
+                        f"{QUICK.teacher_steps} teacher steps, small SST-2 subsets")
+    for flag, what in (("seeds", "pretraining seeds per arm"), ("steps", "pretraining steps"),
+                       ("eval-every", "learning-curve interval (steps)"),
+                       ("teacher-steps", "teacher preparation steps"),
+                       ("draws", "fixed mask draws over the held-out documents"),
+                       ("probe-train", "SST-2 sentences the probe trains on"),
+                       ("ft-train", "SST-2 examples the fine-tuning cells train on"),
+                       ("max-eval", "SST-2 dev examples (0: all)"),
+                       ("ft-seeds", "fine-tuning seeds per cell")):
+        p.add_argument(f"--{flag}", type=int, help=what)
+    p.add_argument("--with-no-mlm", action="store_true", help="add the - L_mlm arm")
     p.add_argument("--data-dir", default=str(GLUE_DIR) if GLUE_DIR.is_dir() else "",
                    help="a local GLUE folder in the tsv layout (default ../shared/data/glue "
                         "when present, else the hub)")
-    p.add_argument("--student-layers", default="0,2,5",
-                   help="teacher layers of the task-distilled student (default 0,2,5, as the "
-                        "demo student)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="pretraining overrides on configs/demo.yaml for every variant")
+                   help="pretraining overrides on configs/demo.yaml for the teacher and every "
+                        "arm")
     return p.parse_args(argv)
+
+
+def budget_from(args) -> Budget:
+    b = QUICK if args.quick else DEFAULT
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget)
+            if getattr(args, f.name, None) is not None}
+    b = dataclasses.replace(b, **over)
+    for k in ("seeds", "steps", "eval_every", "teacher_steps", "draws", "probe_train",
+              "ft_train", "ft_seeds"):
+        if getattr(b, k) < 1:
+            raise UserError(f"--{k.replace('_', '-')}: {getattr(b, k)}; must be >= 1")
+    if b.seeds < 2:
+        raise UserError(f"--seeds: {b.seeds}; an interval needs at least 2 pretraining seeds")
+    return b
 
 
 @main_guard
 def main() -> int:
-    args = parse_args()
+    return run_cli()
+
+
+def run_cli(argv=None) -> int:
+    """The study from ``argv`` (sys.argv when None); returns the exit code."""
+    args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    b = QUICK if args.quick else DEFAULT
-    over = {k: getattr(args, k) for k in ("steps", "seeds", "epochs")
-            if getattr(args, k) is not None}
-    if args.max_train is not None:
-        over["max_train"] = args.max_train
-    if args.tasks:
-        over["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    b = Budget(**{**b.__dict__, **over})
-    for k in ("steps", "seeds", "max_train", "epochs"):
-        if getattr(b, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')}: {getattr(b, k)}; must be >= 1")
+    b = budget_from(args)
     for o in args.overrides:
         key = o.split("=", 1)[0]
         if key in _STUDY_KEYS:
             raise UserError(f"{key}: set by the study ({_STUDY_KEYS[key]}); drop the override")
-    for t in b.tasks:
-        get_task(t)  # an unknown task is refused before any run
-    out = Path(args.out)
+    # the SST-2 cells come after an hour of pretraining: data they cannot read is refused first
+    E.probe_data(args.data_dir, 1, 1)
+    out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
     out.mkdir(parents=True, exist_ok=True)
-    res = run_study(out, b, list(args.overrides), args.data_dir, args.student_layers)
-    rows = summarise(res)
-    command = " ".join(["python launch/study.py", *sys.argv[1:]])
-    (out / "study.md").write_text(render(res, rows, command))
-    (out / "study.json").write_text(json.dumps({"rows": rows, **res}, indent=1, default=str))
-    plot(rows, out / "study.png")
-    _say(f"wrote {out / 'study.md'}, {out / 'study.png'}")
+    arms = ARMS + ((NO_MLM,) if args.with_no_mlm else ())
+    st = Study(out, b, list(args.overrides), args.data_dir, arms,
+               Cells(out / "cells", code_version(exclude=REPORT_CODE), say=_say))
+    res = run_study(st)
+    summary = summarise(res)
+    command = " ".join(["python launch/study.py", *(sys.argv[1:] if argv is None else argv)])
+    (out / "study.md").write_text(render(res, summary, command))
+    (out / "study.json").write_text(json.dumps({"summary": summary, **res}, indent=1,
+                                               default=str))
+    plot(res, summary, out / "study.png")
+    _say(f"ran {len(res['ran'])} cell(s), reused {len(res['reused'])}; wrote "
+         f"{out / 'study.md'}, {out / 'study.png'}")
     print((out / "study.md").read_text(), flush=True)
     return 0
