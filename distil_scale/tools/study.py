@@ -55,7 +55,7 @@ import torch
 from .. import runtime
 from ..assets import CONFIGS
 from ..config import load_config, to_dict
-from ..data.loader import build_eval_set, scan_token_counts
+from ..data.eval_cache import build_eval_set, scan_token_counts
 from ..data.sources import source_fingerprint
 from ..engine import engine_class
 from ..errors import UserError, main_guard
