@@ -436,11 +436,12 @@ RESUMABLE = ("train.max_steps", "train.log_every", "train.eval_every",
 WORLD_CHANGE = ("resolved.accumulation",)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a changed setting is named by its dotted key."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -449,7 +450,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, now: dict, allowed: tuple[str, ...] = RESUMABLE) -> list[str]:
     """One line per key of ``now`` that differs from ``saved`` and is not ``allowed`` (an entry
     ending in '.' allows a whole section)."""
-    a, b = _flat(saved), _flat(now)
+    a, b = flat_keys(saved), flat_keys(now)
     out = []
     for k in sorted(set(a) & set(b)):  # a key new to this version has no old value
         if a.get(k) == b.get(k) or any(k == p or (p.endswith(".") and k.startswith(p))

@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..config import flat_keys
 from ..fsio import atomic_write
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -66,17 +67,6 @@ def _changed(old: dict, spec: dict, upstream: list, code: str) -> str:
     return "; ".join(why) or "an unreadable record"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: a changed setting is named by its dotted key."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 class Cells:
     """Runs or reuses cells under ``root``; ``ran`` and ``reused`` name them in order."""
 
@@ -92,7 +82,7 @@ class Cells:
         """``fn(cell_dir) -> dict`` unless ``name`` finished with the same key; the result
         comes back with its ``key`` (what a downstream cell lists as upstream)."""
         d = self.dir(name)
-        spec = _flat(json.loads(json.dumps(spec, default=str)))
+        spec = flat_keys(json.loads(json.dumps(spec, default=str)))
         ups = [u["key"] if isinstance(u, dict) else u for u in upstream]
         key = cell_key(spec, ups, self.code)
         done = d / DONE
