@@ -78,6 +78,9 @@ DEMO = CONFIGS / "demo.yaml"
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 # the tables and figure are redrawn from the cells on every run: editing them reruns no cell
 REPORT_CODE = ("tools/study_report.py",)
+# tools no cell imports (tested): a change to the bench or the GPU check is not a new experiment
+NOT_RUN = ("tools/bench/", "tools/gpu_check/", "tools/plan.py", "tools/memory.py",
+           "tools/bundle.py")
 TEACHER_SEED = 1000  # the teacher's preparation stream and masks: no student's run.seed
 
 
@@ -433,7 +436,7 @@ def run_cli(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     arms = ARMS + ((NO_MLM,) if args.with_no_mlm else ())
     st = Study(out, b, list(args.overrides), args.data_dir, arms,
-               Cells(out / "cells", code_version(exclude=REPORT_CODE), say=_say))
+               Cells(out / "cells", code_version(exclude=REPORT_CODE + NOT_RUN), say=_say))
     res = run_study(st)
     summary = summarise(res)
     command = " ".join(["python launch/study.py", *(sys.argv[1:] if argv is None else argv)])

@@ -25,15 +25,20 @@ DONE, STARTED = "cell.json", "cell.started"
 
 def code_version(roots: tuple = (), exclude: tuple = ()) -> str:
     """A hash of every .py and .yaml file under the package (and ``roots``) but ``exclude``
-    (paths relative to a root): any change to the code a cell ran reruns it."""
+    (paths relative to a root; one ending in "/" is a folder): any change to the code a cell
+    ran reruns it."""
     h = hashlib.sha1()
     for root in (PACKAGE, *roots):
         root = Path(root)
         for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")
                         and p.is_file() and "__pycache__" not in p.parts
-                        and str(p.relative_to(root)) not in exclude):
+                        and not _excluded(p.relative_to(root).as_posix(), exclude)):
             h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def _excluded(rel: str, exclude: tuple) -> bool:
+    return any(rel == e or (e.endswith("/") and rel.startswith(e)) for e in exclude)
 
 
 def files_fingerprint(paths) -> list:

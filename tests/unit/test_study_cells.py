@@ -1,5 +1,7 @@
 """Study cells are reused only when spec, upstream cells and code are unchanged."""
 import json
+import subprocess
+import sys
 
 from distil_scale.tools.study_cells import STARTED, Cells, code_version
 
@@ -79,3 +81,20 @@ def test_code_version_follows_the_source_files(tmp_path):
     v2 = code_version(roots=(tmp_path,), exclude=("a.py",))
     (tmp_path / "a.py").write_text("x = 3\n")
     assert code_version(roots=(tmp_path,), exclude=("a.py",)) == v2
+    # a folder entry excludes everything below it
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.py").write_text("y = 1\n")
+    v3 = code_version(roots=(tmp_path,), exclude=("a.py", "sub/"))
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    assert code_version(roots=(tmp_path,), exclude=("a.py", "sub/")) == v3
+
+
+def test_the_tools_the_study_leaves_out_of_its_hash_are_never_imported_by_it():
+    # the core never imports tools (test_layers), so what the study module pulls in is all a
+    # cell runs: any module under NOT_RUN showing up here would make a stale cell look current
+    code = ("import sys, distil_scale.tools.study as s\n"
+            "bad = [m for m in sys.modules if m.startswith('distil_scale.') and any(\n"
+            "    m.replace('.', '/')[len('distil_scale/'):].startswith(e.rstrip('/').removesuffix('.py'))\n"
+            "    for e in s.NOT_RUN)]\n"
+            "print(bad); assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
