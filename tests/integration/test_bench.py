@@ -61,6 +61,8 @@ def test_every_row_measured_through_the_json(tiny_run):
         measured = name in ("reference, grouped by length", "default", "default, unfused loss",
                             "masked-only KL")
         assert (r["peak_gib"] > 0) if measured else math.isnan(r["peak_gib"]), name
+        # the peak is what the configuration adds above the libraries in the whole VmHWM
+        assert (r["hwm_gib"] > r["peak_gib"]) if measured else math.isnan(r["hwm_gib"]), name
     assert rows["default"]["real_pct"] == 100.0  # packed: no padding
     # grouping by length pads less than shuffled rows do
     assert rows["reference, padded"]["real_pct"] <= rows["reference, grouped by length"][
@@ -78,7 +80,12 @@ def test_goals_and_switch_lines(tiny_run):
         assert re.search(rf"^  {re.escape(switch)} +default/without = +\d+\.\d\dx", text,
                          re.M), switch
     assert "default step by op" in text
-    assert re.search(r"^  MFU: against a 2048\^2 matmul measured here", text, re.M)
+    assert re.search(r"^  MFU: against the best of 1024\^2, 2048\^2, 4096\^2 matmuls measured "
+                     r"here", text, re.M)
+    assert re.search(r"^  peak GiB: .* whole VmHWM default \d+\.\d\d, reference \d+\.\d\d GiB",
+                     text, re.M)
+    assert re.search(r"^  at 100 % MFU the default would run \d+\.\dx the reference; 6x needs "
+                     r"\d+% MFU", text, re.M)
 
 
 def test_reference_step_is_the_trainers_objective_over_all_tokens():

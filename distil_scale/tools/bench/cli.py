@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         say("")
         say(f"== seq {res['seq']}, micro batch {res['setup'].micro}: medians; tokens are real "
             "(non-padding) tokens; peak memory = "
-            + ("RSS high-water mark" if device.type == "cpu" else "max allocated"))
+            + ("RSS high-water mark above the process's start" if device.type == "cpu"
+               else "max allocated"))
         lines.append((res["seq"], report(res, device, say)))
     if args.json:
         write_json(args.json, outs, args, device)

@@ -14,17 +14,22 @@ from ..memory import LiveStorage
 from .step import Runner, Setup, Variant, build_teacher
 
 
-def _rss_hwm_gib() -> float:
+def _status_gib(field: str) -> float:
+    """A /proc/self/status figure (VmRSS, VmHWM) in GiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if field == "VmHWM":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _memory_job(setup: Setup, v: Variant, steps: int) -> float:
-    """Build one configuration from nothing and run ``steps`` steps; its peak memory in GiB."""
+def _memory_job(setup: Setup, v: Variant, steps: int) -> tuple[float, float]:
+    """Build one configuration from nothing and run ``steps`` steps: (its peak memory, the
+    process's whole high-water mark) in GiB."""
     dev = setup.device
+    base = _status_gib("VmRSS") if dev.type == "cpu" else 0.0
     if dev.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -39,8 +44,9 @@ def _memory_job(setup: Setup, v: Variant, steps: int) -> float:
         del r
         gc.collect()
         torch.cuda.empty_cache()
-        return peak
-    return _rss_hwm_gib()
+        return peak, float("nan")
+    hwm = _status_gib("VmHWM")
+    return hwm - base, hwm
 
 
 def _memory_child(conn, setup, v, steps):
@@ -52,8 +58,9 @@ def _memory_child(conn, setup, v, steps):
         conn.close()
 
 
-def measure_peak_memory(setup: Setup, vs: list[Variant], steps: int) -> dict[str, float]:
-    """Peak memory of each configuration as if it ran alone.
+def measure_peak_memory(setup: Setup, vs: list[Variant],
+                        steps: int) -> dict[str, tuple[float, float]]:
+    """Peak memory of each configuration as if it ran alone: (peak, process high-water mark).
 
     CPU: RSS's high-water mark only ever rises within a process (ru_maxrss, VmHWM) and freed
     memory may stay with the allocator, so in one process the configuration measured second would
@@ -61,10 +68,14 @@ def measure_peak_memory(setup: Setup, vs: list[Variant], steps: int) -> dict[str
     process BEFORE it has loaded a model or run a parallel kernel (forking after OpenMP has
     started can hang the child); the child builds its models and data from nothing, runs a
     warm-up and a measured step, and reports its VmHWM. Fork rather than a fresh interpreter:
-    importing torch+transformers again costs ~5-10 s per configuration on 2 cores. Every child
-    shares the same baseline (the imported libraries), so the ratios are like-for-like.
+    importing torch+transformers again costs ~5-10 s per configuration on 2 cores. The peak is
+    VmHWM less the child's resident memory when it starts (the imported libraries, the same in
+    every child): what the configuration itself adds, models, optimizer state, activations and
+    allocator slack included. That is what CUDA's max_memory_allocated counts too (it leaves out
+    the CUDA context and the libraries), so CPU and GPU ratios mean the same thing; the whole
+    VmHWM is reported beside it.
     CUDA: torch's allocator statistics can be reset, so each configuration is built, run and
-    freed in turn in this process and its max_memory_allocated read.
+    freed in turn in this process and its max_memory_allocated read (no high-water mark).
     """
     out = {}
     if setup.device.type == "cuda":
@@ -74,7 +85,7 @@ def measure_peak_memory(setup: Setup, vs: list[Variant], steps: int) -> dict[str
     ctx = mp.get_context("fork")
     for v in vs:
         if v.compile:
-            out[v.name] = float("nan")  # compiling again in a child is not worth 30 s
+            out[v.name] = (float("nan"), float("nan"))  # compiling again in a child: 30 s
             continue
         parent, child = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_memory_child, args=(child, setup, v, steps))

@@ -70,8 +70,9 @@ class Result:
     dtype: str
     stats: list[StepStats]
     peak: float  # FLOP/s of the dtype: measured matmul
-    mem_gib: float
+    mem_gib: float  # peak above the libraries' baseline (CPU) / max_memory_allocated (CUDA)
     datasheet: float = math.nan  # FLOP/s of the dtype from the device's datasheet (CUDA)
+    hwm_gib: float = math.nan  # CPU: the process's whole VmHWM, libraries included
 
     def _med(self, f):
         return statistics.median(f(s) for s in self.stats)
@@ -113,7 +114,7 @@ class Result:
                 "dtype": self.dtype, "tokens_s": self.tokens_s, "seqs_s": self.seqs_s,
                 "step_s": self.step_s, "mfu": self.mfu, "mfu_datasheet": self.mfu_datasheet,
                 "peak_flops_measured": self.peak, "peak_flops_datasheet": self.datasheet,
-                "peak_gib": self.mem_gib, "wait_pct": self.wait_pct,
+                "peak_gib": self.mem_gib, "hwm_gib": self.hwm_gib, "wait_pct": self.wait_pct,
                 "real_pct": self.real_pct}
 
 
@@ -141,6 +142,18 @@ def run_blocks(runners: list[Runner], steps: int, warmup: int, block: int,
 
 
 
+def peak_sizes(device: torch.device) -> tuple[int, ...]:
+    """The square matmuls MFU's denominator is the best of (each before and after the timed
+    rounds). One 2048^3 bf16 product read 665 GFLOP/s on 2026-12-02 and 394 on 2026-12-06 with
+    the step unchanged; more sizes and samples make a low reading, which inflates MFU, less
+    likely. On 2026-12-06 the sizes agreed to 10 % (bf16 365-411, fp32 171-188)."""
+    return (matmul_peak_size(device),) if device.type == "cuda" else (1024, 2048, 4096)
+
+
+def best_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    return max(measure_matmul_peak(device, dtype, n, 0.5) for n in peak_sizes(device))
+
+
 def bench_one_seq(args, tokenizer, seq: int, say) -> dict:
     sh = SHAPES[args.shapes]
     device = torch.device(args.device)
@@ -164,28 +177,27 @@ def bench_one_seq(args, tokenizer, seq: int, say) -> dict:
     # memory rows: "some" = the headline pair, the unfused loss and the masked-only objective
     mem_vs = {"none": [], "all": vs,
               "some": [v for v in vs if v.name in MEMORY_ROWS]}[args.memory]
-    mem = {v.name: float("nan") for v in vs}
+    mem = {v.name: (float("nan"), float("nan")) for v in vs}
     if mem_vs:
         mem.update(measure_peak_memory(setup, mem_vs, 2))
         say(f"  peak memory: {len(mem_vs)} configurations, each alone "
-            f"({'forked child, VmHWM' if device.type == 'cpu' else 'max_memory_allocated'}), "
+            f"({'forked child, VmHWM above its start' if device.type == 'cpu' else 'max_memory_allocated'}), "
             f"{time.perf_counter() - t0:.0f}s")
 
     base_teacher = build_teacher(setup)
     runners = [Runner(setup, v, base_teacher, warmup + steps) for v in vs]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    pk_n, pk_s = matmul_peak_size(device), 1.0
     need = sorted({r.precision for r in runners})
-    peaks = {p: measure_matmul_peak(device, dtypes[p], pk_n, pk_s) for p in need}
+    peaks = {p: best_matmul_peak(device, dtypes[p]) for p in need}
     t1 = time.perf_counter()
     stats = run_blocks(runners, steps, warmup, block, say)
-    for p in need:  # the best of two: noise from other work on the machine only lowers it
-        peaks[p] = max(peaks[p], measure_matmul_peak(device, dtypes[p], pk_n, pk_s))
+    for p in need:  # before and after: noise from other work on the machine only lowers it
+        peaks[p] = max(peaks[p], best_matmul_peak(device, dtypes[p]))
     say(f"  timed rounds: {time.perf_counter() - t1:.0f}s; matmul peak "
         + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in need))
     sheet = {p: datasheet_tflops(device, dtypes[p]) * 1e12 for p in need}
-    results = [Result(r.v, r.precision, s, peaks[r.precision], mem[r.v.name],
-                      sheet[r.precision]) for r, s in zip(runners, stats)]
+    results = [Result(r.v, r.precision, s, peaks[r.precision], mem[r.v.name][0],
+                      sheet[r.precision], mem[r.v.name][1]) for r, s in zip(runners, stats)]
     load1 = load_average()
     prof = None
     default_runner = runners[[v.name for v in vs].index("default")]
