@@ -203,6 +203,15 @@ def _curve_lines(s: dict, labels: dict) -> list[str]:
     return lines
 
 
+def _model_name(path: str) -> str:
+    """A model installed as a package by its ``pypi:`` name: the install path is this
+    machine's, not the model's."""
+    parts = Path(path).parts
+    if "site-packages" in parts and parts.index("site-packages") + 1 < len(parts):
+        return "pypi:" + parts[parts.index("site-packages") + 1]
+    return path
+
+
 def render(res: dict, s: dict, command: str) -> str:
     b = res["budget"]
     labels = {a["name"]: a["label"] for a in res["arms"]}
@@ -216,7 +225,7 @@ def render(res: dict, s: dict, command: str) -> str:
         f"invocation took {res['wall_s'] / 60:.0f} min ({len(res['ran'])} cells run, "
         f"{len(res['reused'])} reused; the pretraining runs took {wall / 60:.0f} min when "
         "they ran).", "",
-        f"Teacher: {t['source']}"
+        f"Teacher: {_model_name(t['source'])}"
         + (f", MLM head prepared once for {t['steps']} steps (seed fixed, not a student's)"
            if t["prepared"] else "") + ". "
         f"Students: {b['steps']} pretraining steps each, {b['seeds']} pretraining seeds per "
