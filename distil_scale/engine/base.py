@@ -92,9 +92,10 @@ class Engine:
             for block in transformer_blocks(self.raw_module):
                 block.compile()
         self.module = self.wrap(self.raw_module)
-        fused = device.type == "cuda"
+        # fused on every device: one kernel per step over all tensors (torch has a CPU one too:
+        # 6 against 51 ms foreach for a 3-layer 384-wide student with its 30522-row embedding)
         self.optimizer = torch.optim.AdamW(optim.param_groups(self.raw_module), lr=optim.lr,
-                                           eps=optim.adam_eps, fused=fused or None)
+                                           eps=optim.adam_eps, fused=True)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, optim.warmup_steps,
                                                          optim.total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
