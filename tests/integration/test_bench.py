@@ -20,7 +20,7 @@ LAST = re.compile(r"^default/reference tokens/s: (\d+\.\d\d)  peak-mem: (\d+\.\d
                   r"MFU: (\d+\.\d)%  \(reference grouped by length\)$")
 ROWS = {"reference, grouped by length", "reference, padded", "default", "default, unfused loss",
         "masked-only KL", "default, grouped batches", "default, fp32", "default, sdpa attention",
-        "default, batches inline"}
+        "default, batches inline", "default, unfused AdamW"}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def test_every_row_measured_through_the_json(tiny_run):
     assert rows["default"]["variant"]["fused"] and rows["default"]["variant"]["kl"] == "all"
     assert not rows["default, unfused loss"]["variant"]["fused"]
     assert rows["masked-only KL"]["variant"]["kl"] == "masked"
+    assert rows["default, unfused AdamW"]["variant"]["fused_adamw"] is False
     for name, r in rows.items():
         assert r["tokens_s"] > 0 and r["step_s"] > 0 and 0 < r["mfu"] < 1, name
         measured = name in ("reference, grouped by length", "default", "default, unfused loss",
@@ -106,6 +107,8 @@ def test_reference_step_is_the_trainers_objective_over_all_tokens():
     teacher = bench.build_teacher(setup)
     ref = bench.Runner(setup, bench.variants(setup.device, False)[0], teacher, 2)
     assert ref.v.name == "reference, grouped by length"
+    # the original's optimizer: unfused AdamW, where the trainer's engine fuses it
+    assert ref.engine.optimizer.defaults["fused"] is False
     student = ref.engine.raw_module.eval()  # no dropout: both sides see the same network
     mb = next(ref.data)
     w = LossWeights()

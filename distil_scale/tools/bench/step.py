@@ -75,7 +75,7 @@ class Variant:
     precision: str = "auto"     # runtime.resolve_precision: bf16 where native, else fp32
     attn: str = "auto"          # trainer's auto: eager on CPU (measured faster), sdpa on CUDA
     teacher_dtype: str = "auto"  # trainer's auto: bf16 on CUDA, fp32 on CPU
-    fused_adamw: bool | None = None  # None: the engine's choice (fused on CUDA)
+    fused_adamw: bool | None = None  # None: the engine's choice (fused)
     prefetch: int = 2           # DataConfig.prefetch default: background-thread batches
     compile: bool = False       # train.compile: torch.compile per transformer block
     item_every_step: bool = False  # .item() on the loss every step (the trainer: log interval)
@@ -96,11 +96,11 @@ def variants(device: torch.device, compile_: bool) -> list[Variant]:
         Variant("default, fp32", "bf16 autocast", precision="fp32"),
         Variant(f"default, {other_attn} attention", "attention kernel", attn=other_attn),
         Variant("default, batches inline", "prefetch thread", prefetch=0),
+        Variant("default, unfused AdamW", "fused AdamW", fused_adamw=False),
     ]
     if cuda:
         rows += [Variant("default, fp32 teacher", "teacher in half precision",
                          teacher_dtype="fp32"),
-                 Variant("default, unfused AdamW", "fused AdamW", fused_adamw=False),
                  Variant("default, .item() every step", ".item() at log interval only",
                          item_every_step=True)]
     if compile_:
@@ -317,7 +317,7 @@ class Runner:
                           max_grad_norm=5.0)
         self.engine = make_engine("plain", module, optim, precision=self.precision,
                                   accum_steps=1, device=dev, compile=v.compile)
-        if v.fused_adamw is False and dev.type == "cuda":
+        if v.fused_adamw is False:
             eng = self.engine
             eng.optimizer = torch.optim.AdamW(optim.param_groups(eng.raw_module), lr=optim.lr,
                                               eps=optim.adam_eps, fused=False)
