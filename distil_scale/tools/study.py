@@ -26,13 +26,11 @@ Design (fixed before any run):
   error over held-out documents (dev examples for SST-2), and for an interval that holds 0
   the minimal detectable effect.
 
-Budget (default): on 2 idle CPU cores the demo step (batch 16, seq 128, KL over every token,
-bf16) measured 1.36 s (docs/bench-cpu-demo-2026-12-02.json) and teacher preparation about
-0.55 s (README): 600 teacher steps ~6 min, 4 arms x 4 seeds x 150 steps ~54 min, ~20 s of
-start-up and curve evaluations per run ~6 min, held-out scoring (BBC: 125 documents, 57k
-tokens; 3 mask draws, ~26k positions, bf16) of the teacher once (its hidden rows kept for the
-KL) and of 17 students at ~25 s each ~8 min, probes ~3 min, 10 one-epoch fine-tunings on 4,000
-SST-2 sentences ~10 min: about 87 min, under the 100 min target. ``--quick`` (2 seeds,
+Budget (default), measured on 2 idle CPU cores (2026-12-06, docs/study.md): teacher
+preparation (600 steps) 9 min, 4 arms x 4 seeds x 150 steps with their start-up and curve
+evaluations 68 min, held-out scoring of the teacher and 17 students, probes and 10 one-epoch
+fine-tunings on 4,000 SST-2 sentences 23 min: 101 min, about the 100 min target. docs/study.md
+gives the time of the run it reports. ``--quick`` (2 seeds,
 12 steps, 40 teacher steps, small SST-2 subsets): about 8 min, and writes to runs/study-quick.
 
 Every cell keeps a key of its resolved config, budget, upstream cells and the code version
