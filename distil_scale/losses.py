@@ -150,9 +150,9 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _kl_grad_eager(z, zt, b, bt, inv_t, scale, dtype):
     """One chunk's KL sum and gradient: ``z``, ``zt`` are student and teacher logits (C, V)
-    before their fp32 biases ``b``, ``bt`` (or None), ``inv_t`` 1/T; returns (sum p_t (log p_t - log p_s) at T, scale * (p_s - p_t) in ``dtype``,
-    its column sums in fp32). In place wherever it can: each (C, V) fp32 tensor is a pass over
-    memory."""
+    before their fp32 biases ``b``, ``bt`` (or None), ``inv_t`` 1/T; returns (sum p_t (log p_t
+    - log p_s) at T, scale * (p_s - p_t) in ``dtype``, its column sums in fp32). In place
+    wherever it can: each (C, V) fp32 tensor is a pass over memory."""
     lt = torch.log_softmax(_plus(zt.float(), bt).mul_(inv_t), dim=-1)
     ls = torch.log_softmax(_plus(z.float(), b).mul_(inv_t), dim=-1)
     pt = lt.exp()
@@ -169,6 +169,7 @@ def _kl_grad_eager(z, zt, b, bt, inv_t, scale, dtype):
 
 
 def _plus(x, b):
+    """``x + b`` in place on ``x`` (a temporary of the caller's), or ``x`` where no bias."""
     return x if b is None else x.add_(b)
 
 
