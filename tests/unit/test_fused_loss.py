@@ -8,6 +8,7 @@ untied heads), and within bf16's rounding under bf16 autocast. They also count h
 micro-step (zero) and measure the loss's live memory against the naive path's.
 """
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from fixtures import BPE_FAMILIES, FAMILY_SENTENCES, bpe_tokenizer, make_family_
 
 from distil_scale.config import LossConfig, MaskingConfig, StudentConfig
 from distil_scale.data.masking import make_masker
+from distil_scale import losses
 from distil_scale.families import FAMILIES, family_of
 from distil_scale.losses import (LossWeights, VocabTargets, fused_vocab_loss, mlm_chunk_bounds,
                                  soft_target_kl)
@@ -103,6 +105,35 @@ def test_other_temperatures_equal_naive_fp32(T, compiled):
     assert rel(total, ref) < FP32
     for g, r in zip(torch.autograd.grad(total, [hs, W, b]), torch.autograd.grad(ref, [hs, W, b])):
         assert rel(g, r) < FP32
+
+
+def test_where_compiling_fails_the_loss_warns_and_runs_eager(monkeypatch):
+    """A platform where inductor cannot build (no C++ compiler): every compiled chunk function
+    (the KL kernel, the weight gradient's accumulation) falls back to its eager form with a
+    warning, gives the same loss and gradients, and is not tried again."""
+    def no_compiler(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(details)")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(losses, "_COMPILED", {})
+    hs, W, b, ht, Wt, bt, rows, labels = _problem()
+    ref = _naive(hs, W, b, ht, Wt, bt, rows, labels, 2.0, 5.0, 2.0)
+    g_ref = torch.autograd.grad(ref, [hs, W, b])
+    t = VocabTargets(ht, Wt, bt, labels, rows, mlm_chunk_bounds(rows, 103, 16), 16, 2.0, 5.0,
+                     2.0, True)
+    with pytest.warns(UserWarning, match="loss.fused_compile: torch.compile failed "
+                                         r"\(InvalidCxxCompiler.*\); the fused loss runs eager"):
+        total, _, _ = fused_vocab_loss(hs, W, b, t)
+    assert rel(total, ref) < FP32
+    for g, r in zip(torch.autograd.grad(total, [hs, W, b]), g_ref):
+        assert rel(g, r) < FP32
+    assert len(losses._COMPILED) == 3 and all(f is None for f in losses._COMPILED.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second attempt, no second warning
+        again, _, _ = fused_vocab_loss(hs, W, b, t)
+    assert again.item() == total.item()
 
 
 def test_a_second_backward_through_one_forward_is_refused():
