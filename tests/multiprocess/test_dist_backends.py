@@ -90,8 +90,14 @@ def test_two_ranks_train_checkpoint_export_resume(name, assets, tmp_path):
     backend_args = [assets["zero3"] if a == "ZERO3" else a for a in backend_args]
     out = tmp_path / "run"
     args = [*backend_args, *tiny_args(assets, out, precision), "--overwrite"]
-    log = run(launch_cmd(launcher, 2, args))
+    cmd = launch_cmd(launcher, 2, args)
+    log = run(cmd)
     assert " x2 " in log, log[-3000:]  # "backend <name> x2": two ranks took part
+    if launcher == "deepspeed":
+        # DeepSpeed's CPU all-reduce buffers (one per rank, in /dev/shm, i.e. memory) are gone
+        # with the run, not left behind until reboot
+        port = cmd[cmd.index("--master_port") + 1]
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
     m = metrics_by_step(out)
     losses = [m[s]["loss/total"] for s in range(1, 7)]
