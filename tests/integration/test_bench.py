@@ -4,6 +4,7 @@ objective as the trainer's step. Speed is never asserted here (the bench's outpu
 for it)."""
 import json
 import math
+import os
 import re
 
 import pytest
@@ -64,6 +65,11 @@ def test_every_row_measured_through_the_json(tiny_run):
         assert (r["peak_gib"] > 0) if measured else math.isnan(r["peak_gib"]), name
         # the peak is what the configuration adds above the libraries in the whole VmHWM
         assert (r["hwm_gib"] > r["peak_gib"]) if measured else math.isnan(r["hwm_gib"]), name
+    # the reference's fp32 (N, V) logits are fresh tensors every step: their pages fault in
+    assert rows["reference, grouped by length"]["page_faults_per_step"] > 0
+    assert all(r["page_faults_per_step"] >= 0 for r in rows.values())
+    assert doc["pages"]["THP_MEM_ALLOC_ENABLE"] == os.environ.get("THP_MEM_ALLOC_ENABLE",
+                                                                  "unset")
     assert rows["default"]["real_pct"] == 100.0  # packed: no padding
     # grouping by length pads less than shuffled rows do
     assert rows["reference, padded"]["real_pct"] <= rows["reference, grouped by length"][
@@ -85,6 +91,8 @@ def test_goals_and_switch_lines(tiny_run):
                      r"here", text, re.M)
     assert re.search(r"^  peak GiB: .* whole VmHWM default \d+\.\d\d, reference \d+\.\d\d GiB",
                      text, re.M)
+    assert re.search(r"^  pgflt k: minor page faults per step, .* Pages here: "
+                     r"THP_MEM_ALLOC_ENABLE=\S+, kernel THP \S+, glibc malloc .+; ", text, re.M)
     assert re.search(r"^  at 100 % MFU the default would run \d+\.\dx the reference; 6x needs "
                      r"\d+% MFU", text, re.M)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import resource
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,34 @@ def teacher_path() -> str:
 def load_average(default: float = math.nan) -> float:
     """The 1-minute load average; ``default`` where the system has none."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else default
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all its threads): each is a page of freshly
+    mapped memory touched for the first time, which the kernel zeroes first."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# glibc's malloc settings from the environment (read at the process's start): with the mmap
+# threshold raised, large tensors are carved from the heap and their pages reused
+GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def page_setting() -> dict:
+    """How large CPU tensors get their pages here. By default each fresh tensor above glibc's
+    mmap threshold is mapped anew and faulted in 4 KiB at a time. PyTorch's CPU allocator asks
+    the kernel for transparent huge pages (madvise) for large tensors when THP_MEM_ALLOC_ENABLE=1
+    is set before torch's first allocation (granted unless the kernel's THP mode is ``never``);
+    glibc's environment variables can keep freed memory for reuse instead."""
+    mode = "unknown"
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        pass
+    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+            "kernel_thp": mode,
+            "glibc_malloc": {k: os.environ[k] for k in GLIBC_MALLOC_ENV if k in os.environ}}
 
 
 def thread_warning(device: torch.device, say) -> None:

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .common import page_setting
 from .run import Result, peak_sizes
 from .step import REFERENCE
 
@@ -17,15 +18,18 @@ GOALS = {"tokens/s": 6.0, "peak memory": 0.35, "MFU": 0.40, "data-wait": 5.0}
 
 def fmt_table(results: list[Result], default: Result, cuda: bool) -> list[str]:
     mfu_cols = f"{'MFU meas':>8} {'MFU spec':>8}" if cuda else f"{'MFU':>6}"
+    # page faults are host memory: a CUDA step's tensors never fault
+    fault_col = "" if cuda else f" {'pgflt k':>7}"
     head = (f"{'configuration':<30} {'switch measured':<25} {'dtype':>5} {'tok/s':>8} "
-            f"{'seq/s':>7} {'step s':>7} {mfu_cols} {'peak GiB':>8} {'wait%':>6} "
+            f"{'seq/s':>7} {'step s':>7} {mfu_cols} {'peak GiB':>8}{fault_col} {'wait%':>6} "
             f"{'real%':>6} {'vs default':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         mem = f"{r.mem_gib:8.2f}" if not math.isnan(r.mem_gib) else f"{'n/a':>8}"
         mfu = f"{r.mfu:8.1%} {r.mfu_datasheet:8.1%}" if cuda else f"{r.mfu:6.1%}"
+        faults = "" if cuda else f" {r.faults / 1e3:7.1f}"
         lines.append(f"{r.v.name:<30} {r.v.toggle or '-':<25} {r.dtype:>5} {r.tokens_s:8.0f} "
-                     f"{r.seqs_s:7.2f} {r.step_s:7.3f} {mfu} {mem} {r.wait_pct:6.1f} "
+                     f"{r.seqs_s:7.2f} {r.step_s:7.3f} {mfu} {mem}{faults} {r.wait_pct:6.1f} "
                      f"{r.real_pct:6.1f} {r.tokens_s / default.tokens_s:10.2f}")
     return lines
 
@@ -57,6 +61,14 @@ def report(res: dict, device: torch.device, say) -> str:
         say(f"  peak GiB: the process's high-water mark above its start (the libraries), like "
             f"CUDA's max_memory_allocated; whole VmHWM default {default.hwm_gib:.2f}, "
             f"reference {ref.hwm_gib:.2f} GiB ({default.hwm_gib / ref.hwm_gib:.2f}x)")
+        pages = page_setting()
+        say(f"  pgflt k: minor page faults per step, in thousands (the whole process's): each a "
+            f"fresh page touched for the first time, zeroed by the kernel. Pages here: "
+            f"THP_MEM_ALLOC_ENABLE={pages['THP_MEM_ALLOC_ENABLE']}, kernel THP "
+            f"{pages['kernel_thp']}, glibc malloc "
+            f"{' '.join(f'{k}={v}' for k, v in pages['glibc_malloc'].items()) or 'default'}; "
+            "the reference's fp32 (N, V) tensors fault most, so its time and the ratio depend "
+            "on them (docs/performance.md)")
     # which switches pay on this device: an ablation row faster than the default means the
     # default should flip here
     for r in results:
@@ -110,7 +122,7 @@ def write_json(path: str, outs: list[dict], args, device: torch.device) -> None:
     doc = {"shapes": args.shapes, "device": str(device), "torch": torch.__version__,
            "threads": torch.get_num_threads(),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
-           "seqs": []}
+           "pages": page_setting(), "seqs": []}
     for res in outs:
         tok_ratio, mem_ratio, default, _ = headline(res)
         doc["seqs"].append({

@@ -102,6 +102,10 @@ class Result:
         return self.flops_s / self.datasheet
 
     @property
+    def faults(self):
+        return self._med(lambda s: s.faults)
+
+    @property
     def wait_pct(self):
         return 100.0 * sum(s.wait for s in self.stats) / sum(s.seconds for s in self.stats)
 
@@ -114,7 +118,8 @@ class Result:
                 "dtype": self.dtype, "tokens_s": self.tokens_s, "seqs_s": self.seqs_s,
                 "step_s": self.step_s, "mfu": self.mfu, "mfu_datasheet": self.mfu_datasheet,
                 "peak_flops_measured": self.peak, "peak_flops_datasheet": self.datasheet,
-                "peak_gib": self.mem_gib, "hwm_gib": self.hwm_gib, "wait_pct": self.wait_pct,
+                "peak_gib": self.mem_gib, "hwm_gib": self.hwm_gib,
+                "page_faults_per_step": self.faults, "wait_pct": self.wait_pct,
                 "real_pct": self.real_pct}
 
 

@@ -49,7 +49,7 @@ from ...metrics import encoder_flops_per_token, head_flops_per_position
 from ...models import build_student, wrap_for_distillation
 from ...runtime import resolve_attention, resolve_precision, resolve_teacher_dtype
 from ...train import distill_step, train_step
-from .common import teacher_path
+from .common import minor_faults, teacher_path
 
 REFERENCE = "reference, grouped by length"  # the headline's denominator
 MEMORY_ROWS = (REFERENCE, "default", "default, unfused loss", "masked-only KL")
@@ -278,6 +278,7 @@ class StepStats:
     sequences: int
     padded: int      # positions computed (real + padding)
     flops: float     # useful FLOPs (see the module docstring)
+    faults: int = 0  # minor page faults during the step (the whole process's)
 
 
 class Runner:
@@ -344,7 +345,7 @@ class Runner:
     def step(self) -> StepStats:
         """One optimizer step (``train_step``), timed from asking for the batch to the step's
         end (unsynced on CUDA: the caller synchronises at the end of a block)."""
-        t0 = time.perf_counter()
+        f0, t0 = minor_faults(), time.perf_counter()
         out = train_step(self.engine, self._next, 1, self.micro)
         if self.v.item_every_step:
             out.loss.item()
@@ -353,13 +354,13 @@ class Runner:
             if len(self.pending) >= 10:
                 torch.stack(self.pending).sum().item()
                 self.pending.clear()
-        seconds = time.perf_counter() - t0
+        seconds, faults = time.perf_counter() - t0, minor_faults() - f0
         mb = self.last
         lengths = mb.attention_mask.sum(1).tolist()
         tokens = int(sum(lengths))
         n_head = tokens if self.v.kl == "all" else mb.masked_rows.numel()
         return StepStats(seconds, out.wait_s, tokens, mb.input_ids.shape[0],
-                         mb.input_ids.numel(), self.flops(lengths, n_head))
+                         mb.input_ids.numel(), self.flops(lengths, n_head), faults)
 
     def flops(self, lengths: list[int], n_head: int) -> float:
         t, s = self.tconf, self.sconf
