@@ -3,8 +3,8 @@
 Measures the trainer's default step against the original DistilBERT reference step in one
 process, on the same data, interleaved, with one row per optimisation; prints a table and, last,
 `default/reference tokens/s: X.XX  peak-mem: Y.YY  MFU: Z.Z%  (reference grouped by length)`.
-On a CPU the ratio depends on how large tensors get their pages (THP_MEM_ALLOC_ENABLE=1 or not):
-see docs/performance.md.
+On a CPU the ratio depends on how large tensors get their pages (glibc's malloc settings,
+THP_MEM_ALLOC_ENABLE): see docs/performance.md.
 
 python launch/bench.py --data [--source SRC] [--data-dir DIR] [--workers N] [--seconds S]
 measures the data loader alone (seq 512, micro 16, masking included): prepared shards and the

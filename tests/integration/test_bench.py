@@ -67,7 +67,6 @@ def test_every_row_measured_through_the_json(tiny_run):
         assert (r["hwm_gib"] > r["peak_gib"]) if measured else math.isnan(r["hwm_gib"]), name
     # the reference's fp32 (N, V) logits are fresh tensors every step: their pages fault in
     assert rows["reference, grouped by length"]["page_faults_per_step"] > 0
-    assert all(r["page_faults_per_step"] >= 0 for r in rows.values())
     assert doc["pages"]["THP_MEM_ALLOC_ENABLE"] == os.environ.get("THP_MEM_ALLOC_ENABLE",
                                                                   "unset")
     assert rows["default"]["real_pct"] == 100.0  # packed: no padding
